@@ -1,0 +1,42 @@
+"""h0mini: H0-mini, the distilled pathology foundation model, as a Python package.
+
+``import h0mini`` registers the architectures with timm (``h0_mini``,
+``h_optimus_0``, ``h_optimus_1``, ``h0mini_test``) and does nothing else: no
+network, no CUDA, no output.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import registry as _registry  # noqa: F401  (registers the timm entrypoints)
+from .errors import (
+    GatedModelError,
+    H0miniError,
+    HubConnectionError,
+    IncompatibleCheckpointError,
+    InvalidTileError,
+    ModelNotFoundError,
+    OptionalDependencyError,
+    RevisionNotFoundError,
+    WeightsNotCachedError,
+)
+from .model import WeightsInfo, load_model
+from .version import __version__
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "__version__",
+    "load_model",
+    "WeightsInfo",
+    "H0miniError",
+    "GatedModelError",
+    "ModelNotFoundError",
+    "RevisionNotFoundError",
+    "WeightsNotCachedError",
+    "HubConnectionError",
+    "IncompatibleCheckpointError",
+    "InvalidTileError",
+    "OptionalDependencyError",
+]

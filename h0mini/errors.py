@@ -1,0 +1,92 @@
+"""Every error h0mini raises on purpose.
+
+Each class also derives from the builtin a caller would naturally catch
+(``PermissionError`` for access, ``FileNotFoundError`` for missing things,
+``ValueError`` for bad input), so ``except FileNotFoundError`` keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class H0miniError(Exception):
+    """Base class of all h0mini errors."""
+
+
+class GatedModelError(H0miniError, PermissionError):
+    """The Hub refused access: no token, a wrong token, or access not yet approved."""
+
+    def __init__(self, message: str, *, repo_id: str):
+        super().__init__(message)
+        self.repo_id = repo_id
+
+
+class ModelNotFoundError(H0miniError, FileNotFoundError):
+    """A Hub repository, a file in it, or a local path does not exist."""
+
+    def __init__(self, message: str, *, name: str):
+        super().__init__(message)
+        self.name = name
+
+
+class RevisionNotFoundError(ModelNotFoundError):
+    """The repository exists but the requested branch, tag or commit does not."""
+
+    def __init__(self, message: str, *, name: str, revision: str):
+        super().__init__(message, name=name)
+        self.revision = revision
+
+
+class WeightsNotCachedError(H0miniError, FileNotFoundError):
+    """The Hub cannot be reached (offline mode or no network) and nothing is cached."""
+
+    def __init__(self, message: str, *, repo_id: str):
+        super().__init__(message)
+        self.repo_id = repo_id
+
+
+class HubConnectionError(H0miniError, ConnectionError):
+    """The Hub answered with an error that is neither access nor a missing file (5xx, proxy)."""
+
+
+class IncompatibleCheckpointError(H0miniError, ValueError):
+    """A checkpoint's tensors do not fit the architecture they are loaded into."""
+
+
+class InvalidTileError(H0miniError, ValueError):
+    """A tile could not be read or is not an image h0mini can embed.
+
+    ``index`` is its position in the input, ``source`` its path when it has one.
+    """
+
+    def __init__(self, message: str, *, index: Optional[int] = None, source: Optional[str] = None):
+        where = []
+        if index is not None:
+            where.append(f"tile {index}")
+        if source is not None:
+            where.append(repr(str(source)))
+        prefix = f"{' '.join(where)}: " if where else ""
+        super().__init__(prefix + message)
+        self.index = index
+        self.source = source
+        self.reason = message
+
+    def __reduce__(self):
+        return (_rebuild_invalid_tile, (self.reason, self.index, self.source))
+
+
+def _rebuild_invalid_tile(reason: str, index: Optional[int], source: Optional[str]) -> InvalidTileError:
+    return InvalidTileError(reason, index=index, source=source)
+
+
+class OptionalDependencyError(H0miniError, ImportError):
+    """A feature needs a package that the base install leaves out."""
+
+    def __init__(self, package: str, *, extra: str, feature: str):
+        super().__init__(
+            f"{feature} needs the package {package!r}, which is not installed. "
+            f"Install it with: pip install 'h0mini[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra

@@ -1,0 +1,270 @@
+"""``load_model()``: an H0-mini (or any checkpoint of the family) ready for inference."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import timm
+import torch
+from timm.layers import SwiGLUPacked
+from timm.models.vision_transformer import checkpoint_filter_fn
+
+from .constants import ENV_WEIGHTS, H0_MINI_ARCH, H0_MINI_REPO_ID, SWIGLU_MLP_RATIO
+from .errors import IncompatibleCheckpointError, ModelNotFoundError
+from .hub import Checkpoint, PathLike, resolve_checkpoint
+
+logger = logging.getLogger(__name__)
+
+DTypeLike = Union[str, torch.dtype, None]
+DeviceLike = Union[str, torch.device, None]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Provenance of loaded weights, attached to the model as ``model.h0mini_weights``."""
+
+    source: str  # what the caller passed: a repo id or a path
+    arch: str
+    weights_path: Path
+    repo_id: Optional[str] = None
+    revision: Optional[str] = None  # commit hash for Hub weights
+    _sha256: Dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the weights file, computed on first use (a few seconds for H0-mini)."""
+        if "value" not in self._sha256:
+            self._sha256["value"] = file_sha256(self.weights_path)
+        return self._sha256["value"]
+
+    def as_dict(self) -> Dict[str, Optional[str]]:
+        return {
+            "weights": self.source,
+            "arch": self.arch,
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "weights_file": self.weights_path.name,
+            "weights_sha256": self.sha256,
+        }
+
+
+def file_sha256(path: PathLike, chunk_size: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def default_weights() -> str:
+    """The weights ``load_model()`` uses when given none: ``$H0MINI_WEIGHTS`` or the Hub repo."""
+    return os.environ.get(ENV_WEIGHTS) or H0_MINI_REPO_ID
+
+
+def load_model(
+    weights: Optional[PathLike] = None,
+    *,
+    arch: Optional[str] = None,
+    revision: Optional[str] = None,
+    token: Union[str, bool, None] = None,
+    cache_dir: Optional[PathLike] = None,
+    local_files_only: Optional[bool] = None,
+    device: DeviceLike = None,
+    dtype: DTypeLike = None,
+) -> torch.nn.Module:
+    """Load H0-mini (or another checkpoint of the family) in eval mode.
+
+    Args:
+        weights: a Hub repo id (default ``"bioptimus/H0-mini"``, or ``$H0MINI_WEIGHTS`` when set),
+            a local folder in the Hub layout (``config.json`` + ``model.safetensors``), or a single
+            weights file (``.safetensors``; ``.bin``/``.pth`` are read with ``weights_only=True``).
+        arch: timm architecture to build, overriding ``config.json``. Defaults to the config's
+            architecture, or ``"h0_mini"`` for a bare weights file.
+        revision: branch, tag or commit of a Hub repo. Default: ``main``.
+        token: Hugging Face token for the gated repo. Default: ``HF_TOKEN`` or the stored login.
+            Never logged.
+        cache_dir: Hub cache folder. Default: huggingface_hub's (``HF_HUB_CACHE``/``HF_HOME``).
+        local_files_only: use only the cache, never the network. Default: ``HF_HUB_OFFLINE``.
+        device: where to put the model. Default: CPU.
+        dtype: parameter dtype (``torch.bfloat16``, ``"float16"``...). Default: float32.
+
+    Returns:
+        A ``timm`` ``VisionTransformer`` whose ``forward`` returns all tokens,
+        shape ``(B, 1 + 4 + N_patches, dim)``: CLS, 4 registers, then the patch grid.
+        ``model.h0mini_weights`` records where the weights came from.
+
+    Raises:
+        GatedModelError: the Hub refused access (no token, or access not approved).
+        WeightsNotCachedError: offline (or no network) and the weights are not cached.
+        ModelNotFoundError: unknown repo, revision, file or folder.
+        IncompatibleCheckpointError: the checkpoint does not fit the architecture.
+
+    Example:
+        >>> model = h0mini.load_model()
+        >>> model(torch.randn(1, 3, 224, 224)).shape
+        torch.Size([1, 261, 768])
+    """
+    source = str(weights) if weights is not None else default_weights()
+    checkpoint = resolve_checkpoint(
+        source, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+    )
+    arch_name, model_kwargs, pretrained_cfg = architecture_for(checkpoint, arch)
+    try:
+        model = timm.create_model(arch_name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_kwargs)
+    except RuntimeError as error:
+        if "Unknown model" in str(error):
+            raise ModelNotFoundError(
+                f"Unknown architecture {arch_name!r} (from {'arch=' if arch else 'config.json of ' + source}). "
+                "Use a timm model name or one of h0mini's: h0_mini, h_optimus_0, h_optimus_1.",
+                name=arch_name,
+            ) from error
+        raise
+    state_dict = read_state_dict(checkpoint.weights_path)
+    load_state_dict_strict(model, state_dict, arch_name=arch_name, source=source)
+    model.eval()
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=resolve_dtype(dtype))
+    model.h0mini_weights = WeightsInfo(  # type: ignore[attr-defined]
+        source=source,
+        arch=arch_name,
+        weights_path=checkpoint.weights_path,
+        repo_id=checkpoint.repo_id,
+        revision=checkpoint.revision,
+    )
+    logger.info("Loaded %s from %s (revision %s)", arch_name, source, checkpoint.revision or "local")
+    return model
+
+
+def resolve_dtype(dtype: DTypeLike) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().replace("torch.", "")
+    if key not in _DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}: use one of {sorted(set(_DTYPES))} or a torch.dtype.")
+    return _DTYPES[key]
+
+
+def architecture_for(
+    checkpoint: Checkpoint, arch: Optional[str] = None
+) -> Tuple[str, Dict[str, Any], Optional[Dict[str, Any]]]:
+    """Architecture name, model kwargs and pretrained cfg for a checkpoint, as timm's hf-hub loader reads them.
+
+    A Hub ``config.json`` cannot store the SwiGLU layer classes, so a base timm
+    architecture with the Bioptimus MLP ratio gets ``SwiGLUPacked``/``SiLU`` added:
+    the same arguments the model card passes by hand.
+    """
+    config = checkpoint.config
+    if config is None:
+        return arch or H0_MINI_ARCH, {}, None
+    config = dict(config)
+    if "pretrained_cfg" in config:
+        pretrained_cfg = dict(config["pretrained_cfg"])
+    else:  # legacy single-dict layout
+        pretrained_cfg = {k: v for k, v in config.items() if k not in ("architecture", "num_features", "model_args")}
+    if "num_classes" in config:
+        pretrained_cfg["num_classes"] = config["num_classes"]
+    if checkpoint.repo_id:
+        pretrained_cfg.update(hf_hub_id=checkpoint.repo_id, source="hf-hub")
+    else:
+        pretrained_cfg.update(file=str(checkpoint.weights_path), source="local-dir")
+    model_kwargs = dict(config.get("model_args") or {})
+    name = arch or config.get("architecture")
+    if not name:
+        raise ModelNotFoundError(
+            f"config.json of {checkpoint.weights_path.parent} names no 'architecture'; pass arch='h0_mini' "
+            "(or the timm model name) to load_model.",
+            name=str(checkpoint.weights_path.parent),
+        )
+    if _needs_swiglu(name, model_kwargs):
+        model_kwargs.setdefault("mlp_layer", SwiGLUPacked)
+        model_kwargs.setdefault("act_layer", torch.nn.SiLU)
+    model_kwargs.setdefault("num_classes", 0)
+    model_kwargs.setdefault("dynamic_img_size", True)
+    return name, model_kwargs, pretrained_cfg
+
+
+def _needs_swiglu(name: str, model_kwargs: Mapping[str, Any]) -> bool:
+    from .registry import ARCH_ARGS
+
+    ratio = model_kwargs.get("mlp_ratio")
+    return name not in ARCH_ARGS and ratio is not None and abs(float(ratio) - SWIGLU_MLP_RATIO) < 1e-3
+
+
+def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    """Tensors of a weights file, on CPU; pickled formats only with ``weights_only=True``."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt or truncated file, or a pickle with code in it
+        raise IncompatibleCheckpointError(
+            f"Could not read the weights file {str(path)!r}: {type(error).__name__}: {error}. "
+            "If it was downloaded, delete it and download again."
+        ) from error
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise IncompatibleCheckpointError(f"{str(path)!r} does not hold a state dict (got {type(state).__name__}).")
+    return state
+
+
+def load_state_dict_strict(
+    model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], *, arch_name: str, source: str
+) -> None:
+    """Load strictly; on mismatch, name the first offending keys and the likely cause."""
+    state_dict = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state_dict.items()}
+    # timm's own conversion: DINOv2-format keys (w12/w3, mask_token) become timm's.
+    state_dict = checkpoint_filter_fn(state_dict, model)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or mismatched:
+        raise IncompatibleCheckpointError(_mismatch_message(source, arch_name, missing, unexpected, mismatched))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _mismatch_message(
+    source: str, arch_name: str, missing: List[str], unexpected: List[str], mismatched: List[str]
+) -> str:
+    lines = [f"The checkpoint {source!r} does not fit the architecture {arch_name!r}."]
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        if items:
+            shown = ", ".join(items[:5]) + (f", ... ({len(items)} in all)" if len(items) > 5 else "")
+            lines.append(f"  {label}: {shown}")
+    fc1 = [m for m in mismatched if ".mlp.fc" in m]
+    if fc1 and len(fc1) == len(mismatched):
+        lines.append(
+            "Likely cause: the MLP layout differs. H0-mini and H-optimus use packed SwiGLU "
+            "(mlp_layer=SwiGLUPacked, act_layer=SiLU, mlp_ratio=5.33334); build with arch='h0_mini' "
+            "(or 'h_optimus_0') rather than a plain timm ViT."
+        )
+    elif mismatched or (missing and unexpected):
+        lines.append(
+            "Likely cause: these weights belong to another model. Pass arch= with the architecture they "
+            "were trained with, or check the weights path."
+        )
+    return "\n".join(lines)

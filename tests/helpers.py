@@ -1,0 +1,76 @@
+"""Checkpoints and tiles the tests build for themselves (H0-mini's weights cannot be shipped)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import h0mini  # noqa: F401  (registers the architectures)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_TILES = sorted((ROOT / "examples" / "tiles").glob("*.png"))
+SLIDE = ROOT / "examples" / "data" / "CMU-1-Small-Region.svs"
+
+
+def trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give LayerScale gammas trained-like magnitudes: at init (1e-5) every block is nearly the identity."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".gamma"):
+                param.copy_(torch.empty(param.shape).uniform_(0.05, 0.5, generator=generator))
+    return model
+
+
+def make_model(arch: str = "h0mini_test", seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return trained_like(timm.create_model(arch), seed).eval()
+
+
+def hub_config(arch: str, model: torch.nn.Module) -> Dict:
+    """config.json as timm writes it for the Hub (architecture, model_args, pretrained_cfg)."""
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ("hf_hub_id", "architecture", "tag", "source")}
+    return {
+        "architecture": arch,
+        "num_classes": 0,
+        "num_features": model.num_features,
+        "global_pool": "",
+        "model_args": {},
+        "pretrained_cfg": cfg,
+    }
+
+
+def write_checkpoint(folder: Path, arch: str = "h0mini_test", seed: int = 0, dtype=None) -> torch.nn.Module:
+    """Write config.json + model.safetensors (the Hub layout) and return the model they hold."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = make_model(arch, seed)
+    state = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(hub_config(arch, model)))
+    return model
+
+
+def checkpoint_files(folder: Path) -> Dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def slide_tiles(min_tissue: float = 0.5) -> List[Tuple[Tuple[int, int], np.ndarray]]:
+    """All 224 px tissue tiles of the example slide: ((x, y), uint8 array), about 43 of them."""
+    image = Image.open(SLIDE)
+    image.seek(0)
+    pixels = np.asarray(image.convert("RGB"))
+    tiles = []
+    for y in range(0, pixels.shape[0] - 223, 224):
+        for x in range(0, pixels.shape[1] - 223, 224):
+            tile = pixels[y : y + 224, x : x + 224]
+            saturation = tile.max(-1).astype(int) - tile.min(-1)
+            if ((saturation > 20) & (tile.mean(-1) < 220)).mean() >= min_tissue:
+                tiles.append(((x, y), tile))
+    return tiles
