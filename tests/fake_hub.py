@@ -27,6 +27,8 @@ class FakeRepo:
     def commit_for(self, revision: str) -> Optional[str]:
         if revision in ("main", self.commit):
             return self.commit
+        if revision in self.branches.values():
+            return revision
         return self.branches.get(revision)
 
 
