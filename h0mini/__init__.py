@@ -21,6 +21,7 @@ from .errors import (
     RevisionNotFoundError,
     WeightsNotCachedError,
 )
+from .embed import SkippedTile, SkippedTilesWarning, TileEmbedder, embed_tiles
 from .model import WeightsInfo, load_model
 from .version import __version__
 
@@ -29,6 +30,10 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 __all__ = [
     "__version__",
     "load_model",
+    "embed_tiles",
+    "TileEmbedder",
+    "SkippedTile",
+    "SkippedTilesWarning",
     "WeightsInfo",
     "H0miniError",
     "GatedModelError",

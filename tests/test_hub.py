@@ -186,8 +186,12 @@ def test_offline_with_nothing_cached_names_the_way_out(monkeypatch):
         h0mini.load_model(REPO, local_files_only=True)
 
 
-def test_no_network_with_nothing_cached_is_the_same_clear_error():
-    # The autouse fixture points the Hub at a closed local port.
+def test_no_network_with_nothing_cached_is_the_same_clear_error(monkeypatch):
+    # The autouse fixture points the Hub at a closed local port. huggingface_hub retries
+    # refused connections with back-off (about 23 s) before giving up: skip the waiting.
+    import time
+
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
     with pytest.raises(errors.WeightsNotCachedError, match="could not be reached"):
         h0mini.load_model(REPO)
 

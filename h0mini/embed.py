@@ -1,0 +1,532 @@
+"""``embed_tiles()``: tiles in, embeddings out, in input order, with the model busy.
+
+Decoding (and resizing, when a tile is not the model's size) happens in
+DataLoader worker processes or a background thread, producing uint8 batches;
+batch k+1 is prepared while the model runs batch k. On CUDA the uint8 batch is
+pinned and copied non-blocking (4x less traffic than float32), then converted
+and normalised on the GPU, and the forward pass runs under ``inference_mode``
+with fp16 autocast (the model card's choice). On CPU the default is bf16
+autocast where the processor has native bf16 (AVX512-BF16 or AMX), fp32
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import queue
+import sys
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .errors import InvalidTileError
+from .model import load_model
+from .preprocess import Preprocessing
+from .tiles import TileRef, describe, read_input
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = ("cls+mean", "cls", "mean", "patch_tokens", "all")
+PRECISIONS = {"fp32": None, "float32": None, "fp16": torch.float16, "float16": torch.float16,
+              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+ModelLike = Union[torch.nn.Module, str, os.PathLike, None]
+
+
+class SkippedTilesWarning(UserWarning):
+    """Some tiles could not be read and were left out (``on_error="skip"``); ``.skipped`` lists them."""
+
+    def __init__(self, skipped: List["SkippedTile"]):
+        shown = "; ".join(str(s) for s in skipped[:10])
+        more = f" (and {len(skipped) - 10} more)" if len(skipped) > 10 else ""
+        super().__init__(f"{len(skipped)} tile(s) skipped: {shown}{more}")
+        self.skipped = skipped
+
+
+@dataclass(frozen=True)
+class SkippedTile:
+    index: int
+    source: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"tile {self.index} ({self.source}): {self.reason}"
+
+
+@dataclass
+class EmbeddedBatch:
+    """One batch of results: ``indices`` are positions in the input, ``features`` maps output name to rows."""
+
+    indices: np.ndarray
+    features: Dict[str, torch.Tensor]
+    skipped: List[SkippedTile] = field(default_factory=list)
+
+
+def embed_tiles(
+    tiles: Any,
+    model: ModelLike = None,
+    *,
+    output: str = "cls+mean",
+    batch_size: Optional[int] = None,
+    device: Union[str, torch.device] = "auto",
+    precision: str = "auto",
+    num_workers: Union[int, str] = "auto",
+    progress: Optional[bool] = None,
+    on_error: str = "raise",
+    input_size: Union[int, str, None] = None,
+    return_tensors: bool = False,
+    dtype: Union[str, np.dtype, torch.dtype] = "float32",
+    compile: bool = False,
+) -> Any:
+    """Embed pathology tiles with H0-mini (or any model of the family).
+
+    Args:
+        tiles: a PIL image; a uint8 array (H, W, 3) or stack (N, H, W, 3); a tensor (3, H, W) or
+            (N, 3, H, W), uint8 or float in [0, 1]; a path to an image file; a folder (its image files,
+            sorted); a glob; a .txt/.csv list of paths; a torch Dataset; or any iterable of these
+            (streamed).
+        model: a model from ``load_model()``, or weights to load (repo id, folder, file). Default:
+            H0-mini, loaded once per process.
+        output: ``"cls+mean"`` (CLS and the mean of the patch tokens concatenated, the model card's
+            embedding, 1536-d), ``"cls"`` (768-d), ``"mean"`` (768-d), ``"patch_tokens"`` (N, 256, 768)
+            or ``"all"`` (a dict with ``cls``, ``registers`` and ``patch_tokens``). Register tokens never
+            enter the mean.
+        batch_size: tiles per forward pass. Default: 256 on CUDA, 16 on CPU. On CUDA out-of-memory the
+            batch is split and the smaller size kept.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``...
+        precision: ``"auto"`` (fp16 on CUDA; bf16 on CPUs with native bf16, else fp32), ``"fp32"``,
+            ``"fp16"`` or ``"bf16"``: autocast dtype of the forward pass.
+        num_workers: DataLoader worker processes decoding files. ``"auto"``: up to 8 on CUDA, 1 on CPU,
+            none for small inputs.
+        progress: progress bar with tiles/s; default shown on a terminal or notebook.
+        on_error: ``"raise"`` (an ``InvalidTileError`` naming the tile; embeddings already computed are on
+            its ``partial`` attribute) or ``"skip"`` (bad tiles are left out of the result and listed in a
+            ``SkippedTilesWarning``).
+        input_size: None (the model's, 224: other sizes are resized and centre-cropped as the model card
+            does), an int multiple of 14, or ``"native"`` to keep each tile's size (multiples of 14).
+        return_tensors: return torch tensors (on CPU) instead of numpy arrays.
+        dtype: dtype of the returned values. Default float32.
+        compile: run the model through ``torch.compile`` (first batch is slow; worth it for large jobs).
+
+    Returns:
+        ``(N, D)`` array (``(N, 256, D)`` for ``"patch_tokens"``, a dict for ``"all"``), rows in input
+        order. One tile in (an image, a single array or tensor, one file) gives a 1-D vector.
+
+    Raises:
+        InvalidTileError: a tile is missing, corrupt, not an image, or of the wrong shape, dtype or range.
+
+    Example:
+        >>> feats = h0mini.embed_tiles("tiles/")
+        >>> feats.shape
+        (7, 1536)
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    embedder = TileEmbedder(
+        model,
+        output=output,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        num_workers=num_workers,
+        input_size=input_size,
+        compile=compile,
+    )
+    source = read_input(tiles)
+    parts: List[EmbeddedBatch] = []
+    skipped: List[SkippedTile] = []
+    try:
+        with make_progress(progress, total=source.length) as bar:
+            for batch in embedder.iter_batches(source, on_error=on_error):
+                parts.append(batch)
+                skipped.extend(batch.skipped)
+                bar.update(len(batch.indices) + len(batch.skipped))
+    except InvalidTileError as error:
+        if parts:
+            error.partial = _convert(_assemble(parts, output), dtype, return_tensors)  # type: ignore[attr-defined]
+        raise
+    if skipped:
+        warnings.warn(SkippedTilesWarning(skipped), stacklevel=2)
+    result = _convert(_assemble(parts, output, empty_dim=embedder.output_shape()), dtype, return_tensors)
+    if source.single:
+        if not parts:
+            raise InvalidTileError(skipped[0].reason, index=0, source=skipped[0].source)
+        return {k: v[0] for k, v in result.items()} if isinstance(result, dict) else result[0]
+    return result
+
+
+class TileEmbedder:
+    """The reusable pipeline behind ``embed_tiles``: resolved model, device, precision and preprocessing."""
+
+    def __init__(
+        self,
+        model: ModelLike = None,
+        *,
+        output: str = "cls+mean",
+        batch_size: Optional[int] = None,
+        device: Union[str, torch.device] = "auto",
+        precision: str = "auto",
+        num_workers: Union[int, str] = "auto",
+        input_size: Union[int, str, None] = None,
+        compile: bool = False,
+    ):
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        self.device = resolve_device(device)
+        self.model = resolve_model(model).to(self.device).eval()
+        self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 1))
+        self.output = output
+        self.autocast_dtype = resolve_precision(precision, self.device)
+        self.batch_size = _positive(batch_size, "batch_size") or (256 if self.device.type == "cuda" else 16)
+        self._micro_batch = self.batch_size
+        self.num_workers = num_workers
+        self.preprocessing = Preprocessing.from_model(self.model, input_size)
+        self._forward = _compiled(self.model) if compile else _features_fn(self.model)
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.autocast_dtype]
+
+    def output_shape(self) -> Dict[str, Tuple[int, ...]]:
+        """Per-tile shapes of each output array (patch count for the model's own input size)."""
+        dim = int(getattr(self.model, "num_features", getattr(self.model, "embed_dim", 0)))
+        size = self.preprocessing.size or 224
+        patches = (size // self.preprocessing.patch_size) ** 2
+        registers = self.num_prefix_tokens - 1
+        return {
+            "cls+mean": (2 * dim,), "cls": (dim,), "mean": (dim,), "patch_tokens": (patches, dim),
+            "registers": (registers, dim),
+        }
+
+    def iter_batches(self, source: Any, *, on_error: str = "raise") -> Iterator[EmbeddedBatch]:
+        """Embed batch by batch; with ``on_error="raise"`` the first bad tile stops the run."""
+        source = source if hasattr(source, "all_paths") else read_input(source)
+        for indices, pixel_groups, skipped in self._prepared_batches(source):
+            if skipped and on_error == "raise":
+                bad = skipped[0]
+                raise InvalidTileError(bad.reason, index=bad.index, source=bad.source)
+            features: Dict[str, List[torch.Tensor]] = {}
+            order: List[np.ndarray] = []
+            for group_indices, pixels in pixel_groups:
+                for name, value in self._embed_pixels(pixels).items():
+                    features.setdefault(name, []).append(value)
+                order.append(group_indices)
+            if order:
+                merged = {name: torch.cat(values) for name, values in features.items()}
+                yield EmbeddedBatch(np.concatenate(order), merged, skipped)
+            elif skipped:
+                yield EmbeddedBatch(np.zeros(0, dtype=np.int64), {}, skipped)
+
+    # -- preparation -----------------------------------------------------------------------
+
+    def _prepared_batches(self, source: Any) -> Iterator[Tuple[np.ndarray, list, List[SkippedTile]]]:
+        workers = self._workers(source)
+        prepare = _Prepare(self.preprocessing)
+        if workers > 0 and source.length is not None:
+            loader = torch.utils.data.DataLoader(
+                _PreparedDataset(source.items, prepare),
+                batch_size=self.batch_size,
+                num_workers=workers,
+                collate_fn=collate,
+                pin_memory=self.device.type == "cuda",
+                prefetch_factor=2,
+                persistent_workers=False,
+            )
+            yield from loader
+        else:
+            yield from prefetch(_batched_in_thread(source.items, prepare, self.batch_size), depth=2)
+
+    def _workers(self, source: Any) -> int:
+        if self.num_workers != "auto":
+            return max(0, int(self.num_workers))
+        if not source.all_paths and not hasattr(source.items, "__getitem__"):
+            return 0
+        if source.length is None or source.length < 4 * self.batch_size:
+            return 0  # starting processes costs more than decoding a few tiles in a thread
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return min(8, max(1, cpus - 1)) if self.device.type == "cuda" else 1
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def _embed_pixels(self, pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        pixels = pixels.to(self.device, non_blocking=True)
+        while True:
+            try:
+                chunks = [self._forward_pool(part) for part in pixels.split(self._micro_batch)]
+                break
+            except torch.cuda.OutOfMemoryError:
+                if self._micro_batch == 1:
+                    raise
+                self._micro_batch = max(1, self._micro_batch // 2)
+                torch.cuda.empty_cache()
+                logger.warning("CUDA out of memory: continuing with batches of %d tiles", self._micro_batch)
+        return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
+
+    def _forward_pool(self, pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            x = self.preprocessing.normalize(pixels)
+            tokens = self._forward(x)
+            if tokens.ndim != 3:
+                raise ValueError(
+                    f"the model returned shape {tuple(tokens.shape)}; embed_tiles needs its tokens (B, T, D): "
+                    "use a timm ViT (forward_features) or a model with global_pool=''"
+                )
+            pooled = pool_tokens(tokens.float(), self.num_prefix_tokens, self.output)
+        return {name: value.cpu() for name, value in pooled.items()}
+
+
+def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, output: str) -> Dict[str, torch.Tensor]:
+    """Embeddings from ViT tokens (B, T, D): CLS first, then registers, then patches (never in the mean)."""
+    cls = tokens[:, 0]
+    patches = tokens[:, num_prefix_tokens:]
+    if output == "cls":
+        return {"cls": cls}
+    if output == "mean":
+        return {"mean": patches.mean(1)}
+    if output == "cls+mean":
+        return {"cls+mean": torch.cat([cls, patches.mean(1)], dim=-1)}
+    if output == "patch_tokens":
+        return {"patch_tokens": patches}
+    return {"cls": cls, "registers": tokens[:, 1:num_prefix_tokens], "patch_tokens": patches}
+
+
+# -- model, device and precision resolution --------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(weights: Optional[str]) -> torch.nn.Module:
+    return load_model(weights)
+
+
+def resolve_model(model: ModelLike) -> torch.nn.Module:
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return _cached_model(None if model is None else os.fspath(model))
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, a repo id or a path, got {type(model).__name__}")
+    return model
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available; use device='cpu'")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Native bf16 matrix units (AVX512-BF16 or AMX): where bf16 autocast about doubles CPU throughput."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    key = str(precision).lower()
+    if key == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
+    if key not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto', 'fp32', 'fp16' or 'bf16', got {precision!r}")
+    dtype = PRECISIONS[key]
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16 support; use precision='fp16'")
+    return dtype
+
+
+def _features_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return model.forward_features if hasattr(model, "forward_features") else model
+
+
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
+
+
+def _compiled(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(_features_fn(model), dynamic=False)
+    return _COMPILED[model]
+
+
+def _positive(value: Optional[int], name: str) -> Optional[int]:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+# -- batching ------------------------------------------------------------------------------------
+
+
+class _Prepare:
+    """Picklable: decode one item in a worker, turning failures into a reason string."""
+
+    def __init__(self, preprocessing: Preprocessing):
+        self.preprocessing = preprocessing
+
+    def __call__(self, index: int, item: Any) -> Tuple[int, Any, Optional[str], str]:
+        source = item.path if isinstance(item, TileRef) else (os.fspath(item) if isinstance(item, (str, os.PathLike)) else describe(item))
+        try:
+            return index, self.preprocessing.prepare(item), None, source
+        except InvalidTileError as error:
+            return index, None, error.reason, source
+        except Exception as error:  # a decoder bug or exotic file must not kill the run
+            return index, None, f"{type(error).__name__}: {error}", source
+
+
+class _PreparedDataset(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence[Any], prepare: _Prepare):
+        self.items = items
+        self.prepare = prepare
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Tuple[int, Any, Optional[str], str]:
+        return self.prepare(index, self.items[index])
+
+
+def collate(samples: List[Tuple[int, Any, Optional[str], str]]) -> Tuple[np.ndarray, list, List[SkippedTile]]:
+    """Stack prepared tiles into batches of equal shape and dtype, keeping their input indices."""
+    skipped = [SkippedTile(i, source, reason) for i, pixels, reason, source in samples if reason is not None]
+    groups: Dict[Tuple, List[Tuple[int, torch.Tensor]]] = {}
+    for index, pixels, reason, _ in samples:
+        if reason is not None:
+            continue
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1) if isinstance(pixels, np.ndarray) else pixels
+        groups.setdefault((tensor.dtype, tuple(tensor.shape)), []).append((index, tensor))
+    if len(groups) > 1 and any(k[0] == torch.uint8 for k in groups) and len({k[1] for k in groups}) == 1:
+        # uint8 and float tiles of the same size: one float batch rather than two forward passes.
+        members = sorted((m for g in groups.values() for m in g), key=lambda m: m[0])
+        groups = {("float",): [(i, t.float().div(255) if t.dtype == torch.uint8 else t) for i, t in members]}
+    batches = [
+        (np.array([i for i, _ in members], dtype=np.int64), torch.stack([t for _, t in members]))
+        for members in groups.values()
+    ]
+    indices = np.concatenate([b[0] for b in batches]) if batches else np.zeros(0, dtype=np.int64)
+    return indices, batches, skipped
+
+
+def _batched_in_thread(items: Iterable[Any], prepare: _Prepare, batch_size: int) -> Iterator[tuple]:
+    samples = []
+    for index, item in enumerate(items):
+        samples.append(prepare(index, item))
+        if len(samples) == batch_size:
+            yield collate(samples)
+            samples = []
+    if samples:
+        yield collate(samples)
+
+
+_DONE = object()
+
+
+def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run ``iterator`` in a background thread, ``depth`` items ahead (decoding overlaps the forward)."""
+    buffer: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(_DONE)
+        except BaseException as error:  # handed to the consumer, raised there
+            buffer.put(_Failure(error))
+
+    thread = threading.Thread(target=produce, name="h0mini-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+# -- results ------------------------------------------------------------------------------------------
+
+
+def _assemble(
+    parts: List[EmbeddedBatch], output: str, empty_dim: Optional[Dict[str, Tuple[int, ...]]] = None
+) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+    names = ["cls", "registers", "patch_tokens"] if output == "all" else [output]
+    parts = [p for p in parts if len(p.indices)]
+    if not parts:
+        shapes = empty_dim or {}
+        arrays = {n: torch.zeros((0, *shapes.get(n, (0,)))) for n in names}
+    else:
+        order = np.argsort(np.concatenate([p.indices for p in parts]), kind="stable")
+        arrays = {}
+        for name in names:
+            values = [p.features[name] for p in parts]
+            if len({tuple(v.shape[1:]) for v in values}) > 1:
+                raise InvalidTileError(
+                    f"tiles of different sizes give {name} of different shapes; use output='cls', 'mean' or "
+                    "'cls+mean', or a fixed input_size"
+                )
+            arrays[name] = torch.cat(values)[torch.from_numpy(order)]
+    return arrays if output == "all" else arrays[output]
+
+
+def _convert(result: Any, dtype: Any, return_tensors: bool) -> Any:
+    if isinstance(result, dict):
+        return {k: _convert(v, dtype, return_tensors) for k, v in result.items()}
+    if return_tensors:
+        return result.to(_torch_dtype(dtype))
+    return result.numpy().astype(np.dtype(str(dtype).replace("torch.", "")), copy=False)
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return getattr(torch, np.dtype(dtype).name)
+
+
+# -- progress ------------------------------------------------------------------------------------------
+
+
+def _in_notebook() -> bool:
+    shell = sys.modules.get("IPython")
+    try:
+        return shell is not None and "IPKernelApp" in shell.get_ipython().config  # type: ignore[union-attr]
+    except Exception:
+        return False
+
+
+def make_progress(progress: Optional[bool], total: Optional[int]):
+    """A tqdm bar counting tiles; shown on a terminal or in a notebook unless ``progress`` says otherwise."""
+    notebook = _in_notebook()
+    show = progress if progress is not None else (notebook or sys.stderr.isatty())
+    if notebook:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+    return tqdm(total=total, disable=not show, unit="tile", desc="h0mini", file=sys.stderr, dynamic_ncols=True)

@@ -1,0 +1,215 @@
+"""Turn whatever a user passes as tiles into a stream of items, and items into RGB pixels.
+
+The decoding rules live here so that every entry point (Python, CLI, workers)
+reads an image the same way:
+
+* Paths: a file is one tile; a folder means its image files (not recursive) in
+  sorted order; a glob pattern its sorted matches; a ``.txt``/``.csv``/``.tsv``
+  list file one path per line (CSV: the ``path`` column, else the first; relative
+  paths are taken from the list file's folder; ``x``/``y`` columns become coords).
+* Modes: RGB is kept; alpha (RGBA, LA, PA, P with transparency) is composited on
+  white, because white is glass in a slide; grayscale and CMYK go through Pillow's
+  RGB conversion; 16-bit grayscale is scaled to 8 bits (divided by 257) before it.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InvalidTileError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".ppm"})
+LIST_SUFFIXES = frozenset({".txt", ".csv", ".tsv", ".lst"})
+GLOB_CHARS = ("*", "?", "[")
+
+
+@dataclass(frozen=True)
+class TileRef:
+    """A tile on disk: its path and, when a list file gave them, its slide coordinates."""
+
+    path: str
+    coords: Optional[Tuple[int, int]] = None
+
+
+@dataclass
+class TileInput:
+    """What ``read_input`` makes of the user's argument."""
+
+    items: Iterable[Any]  # TileRef or in-memory image (PIL, ndarray, tensor)
+    single: bool  # one tile in: one vector out
+    length: Optional[int]  # None for generators
+    all_paths: bool  # every item is a TileRef (decodable in worker processes)
+
+
+def is_path(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike))
+
+
+def read_input(tiles: Any) -> TileInput:
+    """Classify ``tiles`` and expand paths (folders, globs, list files)."""
+    if isinstance(tiles, (Image.Image,)):
+        return TileInput([tiles], single=True, length=1, all_paths=False)
+    if isinstance(tiles, np.ndarray):
+        if tiles.ndim == 3:
+            return TileInput([tiles], single=True, length=1, all_paths=False)
+        if tiles.ndim == 4:
+            return TileInput(list(tiles), single=False, length=len(tiles), all_paths=False)
+        raise InvalidTileError(f"a numpy array of tiles must be (H, W, 3) or (N, H, W, 3), got shape {tiles.shape}")
+    if isinstance(tiles, torch.Tensor):
+        if tiles.ndim == 3:
+            return TileInput([tiles], single=True, length=1, all_paths=False)
+        if tiles.ndim == 4:
+            return TileInput(list(tiles.unbind(0)), single=False, length=len(tiles), all_paths=False)
+        raise InvalidTileError(f"a tensor of tiles must be (3, H, W) or (N, 3, H, W), got shape {tuple(tiles.shape)}")
+    if isinstance(tiles, TileRef):
+        return TileInput([tiles], single=True, length=1, all_paths=True)
+    if is_path(tiles):
+        refs = expand_path(tiles)
+        single = Path(tiles).is_file() and Path(tiles).suffix.lower() not in LIST_SUFFIXES
+        return TileInput(refs, single=single, length=len(refs), all_paths=True)
+    if isinstance(tiles, torch.utils.data.Dataset) and hasattr(tiles, "__len__"):
+        return TileInput(_DatasetItems(tiles), single=False, length=len(tiles), all_paths=False)
+    if isinstance(tiles, (str, bytes)):
+        raise InvalidTileError(f"cannot read tiles from {type(tiles).__name__}")
+    if isinstance(tiles, Sequence) and all(is_path(t) or isinstance(t, TileRef) for t in tiles):
+        refs = [t if isinstance(t, TileRef) else TileRef(str(t)) for t in tiles]
+        return TileInput(refs, single=False, length=len(refs), all_paths=True)
+    if isinstance(tiles, Iterable):
+        length = len(tiles) if hasattr(tiles, "__len__") else None
+        return TileInput(tiles, single=False, length=length, all_paths=False)
+    raise InvalidTileError(
+        f"cannot embed an object of type {type(tiles).__name__}: pass a PIL image, a uint8 array (H, W, 3) or "
+        "(N, H, W, 3), a tensor (3, H, W) or (N, 3, H, W), a path, a folder, a glob, a list file, a torch "
+        "Dataset or an iterable of these"
+    )
+
+
+class _DatasetItems:
+    """A torch Dataset seen as tiles: ``(image, label)`` items give their image."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.dataset[index]
+        if isinstance(item, (tuple, list)) and item:
+            item = item[0]
+        return item
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self[i] for i in range(len(self)))
+
+
+def expand_path(spec: Union[str, os.PathLike]) -> List[TileRef]:
+    """Paths of the tiles a path argument names (file, folder, glob or list file)."""
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise InvalidTileError(f"the folder {text!r} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return [TileRef(str(p)) for p in files]
+    if path.is_file():
+        if path.suffix.lower() in LIST_SUFFIXES:
+            return read_list_file(path)
+        return [TileRef(str(path))]
+    if any(c in text for c in GLOB_CHARS):
+        matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
+        files = [m for m in matches if os.path.isfile(m)]
+        if not files:
+            raise InvalidTileError(f"the pattern {text!r} matches no files")
+        return [TileRef(m) for m in files]
+    raise InvalidTileError(f"no such file, folder or pattern: {text!r}")
+
+
+def read_list_file(path: Path) -> List[TileRef]:
+    base = path.parent
+    refs: List[TileRef] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.suffix.lower() in (".csv", ".tsv"):
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            if not reader.fieldnames:
+                raise InvalidTileError(f"the list file {str(path)!r} is empty")
+            column = "path" if "path" in reader.fieldnames else reader.fieldnames[0]
+            has_xy = "x" in reader.fieldnames and "y" in reader.fieldnames
+            for line, row in enumerate(reader, start=2):
+                value = (row.get(column) or "").strip()
+                if not value:
+                    continue
+                coords = None
+                if has_xy:
+                    try:
+                        coords = (int(float(row["x"])), int(float(row["y"]))) 
+                    except (TypeError, ValueError):
+                        raise InvalidTileError(
+                            f"line {line} of {str(path)!r}: x/y must be numbers, got {row['x']!r}, {row['y']!r}"
+                        ) from None
+                refs.append(TileRef(str(base / value), coords))
+        else:
+            for raw in f:
+                value = raw.strip()
+                if value and not value.startswith("#"):
+                    refs.append(TileRef(str(base / value)))
+    if not refs:
+        raise InvalidTileError(f"the list file {str(path)!r} lists no tiles")
+    return refs
+
+
+def open_image(path: str) -> Image.Image:
+    """Open and fully decode an image file as RGB, with errors that name the file."""
+    if not os.path.exists(path):
+        raise InvalidTileError("file not found", source=path)
+    if os.path.getsize(path) == 0:
+        raise InvalidTileError("file is empty", source=path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+    except UnidentifiedImageError:
+        raise InvalidTileError("not an image Pillow can read", source=path) from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InvalidTileError(f"corrupt or truncated image ({error})", source=path) from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Apply the mode rules of this module's docstring."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        pixels = np.asarray(image)
+        if mode == "I" and pixels.max(initial=0) <= 255:
+            scaled = pixels
+        else:
+            scaled = np.round(pixels.astype(np.float64) / 257.0)
+        return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "F":
+        raise InvalidTileError("32-bit float images (mode 'F') have no defined colour scale; convert them to 8-bit first")
+    return image.convert("RGB")
+
+
+def describe(item: Any) -> str:
+    if isinstance(item, Image.Image):
+        return f"PIL image {item.mode} {item.size[0]}x{item.size[1]}"
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        return f"{type(item).__name__} {tuple(item.shape)} {item.dtype}"
+    return type(item).__name__
