@@ -1,0 +1,228 @@
+"""``embed_to_file()``: embed many tile files into one output file, resumably.
+
+Finished batches are saved as numbered part files in ``OUT.parts/`` (each written
+atomically), so a killed run loses at most the batches since the last part. A
+rerun with the same settings reads the parts (and an existing complete output),
+embeds only the tiles still missing, then writes the output atomically and
+removes the parts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .embed import TileEmbedder, make_progress
+from .errors import InvalidTileError
+from .tiles import TileInput, TileRef, expand_path
+from .version import __version__
+from .writers import Embeddings, atomic_path, check_format, read_embeddings, write_embeddings
+
+logger = logging.getLogger(__name__)
+
+_COORDS_IN_NAME = (re.compile(r"(?:^|[_-])x(\d+)[_-]y(\d+)(?:$|[_-])"), re.compile(r"^(\d+)_(\d+)$"))
+
+
+@dataclass
+class JobResult:
+    output: Path
+    embedded: int  # tiles embedded in this run
+    reused: int  # tiles taken from an earlier, interrupted or complete, run
+    skipped: List[Dict[str, Any]]
+
+
+def gather_tiles(inputs: Sequence[Union[str, Path]]) -> List[TileRef]:
+    """Tile paths from every input (file, folder, glob, list file), in order, each once."""
+    refs: List[TileRef] = []
+    seen: Dict[str, str] = {}
+    for spec in inputs:
+        for ref in [spec] if isinstance(spec, TileRef) else expand_path(spec):
+            if ref.path in seen:
+                raise InvalidTileError(f"listed twice (by {seen[ref.path]!r} and {str(spec)!r})", source=ref.path)
+            seen[ref.path] = str(spec)
+            refs.append(ref)
+    return refs
+
+
+def coords_of(refs: Sequence[TileRef]) -> Optional[np.ndarray]:
+    """Pixel coords from list files, or from names like ``slide_x1120_y896.png`` / ``1120_896.png``."""
+    coords = []
+    for ref in refs:
+        if ref.coords is not None:
+            coords.append(ref.coords)
+            continue
+        stem = Path(ref.path).stem
+        match = next((m for m in (p.search(stem) for p in _COORDS_IN_NAME) if m), None)
+        if match is None:
+            return None
+        coords.append((int(match.group(1)), int(match.group(2))))
+    return np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+
+
+def embed_to_file(
+    inputs: Sequence[Union[str, Path, TileRef]],
+    output_path: Union[str, Path],
+    embedder: TileEmbedder,
+    *,
+    on_error: str = "raise",
+    part_size: int = 1024,
+    progress: Optional[bool] = None,
+) -> JobResult:
+    """Embed the tiles named by ``inputs`` into ``output_path`` (.h5, .npy, .pt or .parquet)."""
+    output_path = Path(output_path)
+    check_format(output_path, embedder.output)
+    refs = gather_tiles(inputs)
+    settings = job_settings(embedder)
+    parts = PartStore(output_path.with_name(output_path.name + ".parts"), settings)
+    done = parts.load()
+    done.update(_complete_output(output_path, settings))
+    pending = [r for r in refs if r.path not in done]
+    reused = len(refs) - len(pending)
+    if reused:
+        logger.info("resuming: %d of %d tiles already embedded", reused, len(refs))
+    skipped: List[Dict[str, Any]] = []
+    position = {r.path: i for i, r in enumerate(refs)}
+    source = TileInput(pending, single=False, length=len(pending), all_paths=True)
+    try:
+        with make_progress(progress, total=len(pending)) as bar:
+            for batch in embedder.iter_batches(source, on_error=on_error):
+                names = [pending[i].path for i in batch.indices]
+                parts.add(names, {k: v.numpy() for k, v in batch.features.items()})
+                if parts.pending_rows >= part_size:
+                    parts.flush()
+                skipped.extend(
+                    {"index": position[s.source], "path": s.source, "reason": s.reason} for s in batch.skipped
+                )
+                bar.update(len(batch.indices) + len(batch.skipped))
+    except BaseException:
+        parts.flush()  # keep what was done: a rerun resumes from here
+        raise
+    parts.flush()
+    done.update(parts.load())
+    kept = [r for r in refs if r.path in done]
+    shapes = embedder.output_shape()
+    names = ["cls", "registers", "patch_tokens"] if embedder.output == "all" else [embedder.output]
+    arrays = {
+        name: np.stack([done[r.path][name] for r in kept]) if kept else np.zeros((0, *shapes[name]), np.float32)
+        for name in names
+    }
+    if embedder.output != "all":
+        arrays = {"features": arrays[embedder.output]}
+    provenance = dict(settings, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), num_tiles=len(kept))
+    write_embeddings(output_path, Embeddings(arrays, [r.path for r in kept], coords_of(kept), provenance, skipped))
+    parts.remove()
+    return JobResult(output_path, embedded=len(kept) - reused, reused=reused, skipped=skipped)
+
+
+def job_settings(embedder: TileEmbedder) -> Dict[str, Any]:
+    """Everything that changes the numbers, plus versions: the provenance, and the key for resuming."""
+    import timm
+    import torch
+
+    weights = getattr(embedder.model, "h0mini_weights", None)
+    return {
+        "h0mini_version": __version__,
+        "timm_version": str(timm.__version__),
+        "torch_version": str(torch.__version__),  # TorchVersion is a str subclass h5py cannot store
+        **(weights.as_dict() if weights is not None else {"weights": "in-memory model"}),
+        "output": embedder.output,
+        "precision": embedder.precision,
+        "preprocessing": embedder.preprocessing.describe(),
+    }
+
+
+_SAME_NUMBERS = ("weights_sha256", "arch", "output", "precision", "preprocessing")
+
+
+def _same_numbers(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    return all(a.get(k) == b.get(k) for k in _SAME_NUMBERS) and "weights_sha256" in a
+
+
+def _complete_output(path: Path, settings: Dict[str, Any]) -> Dict[str, Dict[str, np.ndarray]]:
+    """Rows of an existing output made with the same settings (so added tiles extend it)."""
+    if not path.exists():
+        return {}
+    try:
+        existing = read_embeddings(path)
+    except Exception as error:
+        logger.warning("ignoring unreadable existing output %s (%s): it will be rewritten", path, error)
+        return {}
+    if not _same_numbers(existing.provenance, settings):
+        logger.warning("existing %s was made with other settings: it will be replaced", path)
+        return {}
+    name_map = {"features": settings["output"]}
+    return {
+        name: {name_map.get(k, k): v[i] for k, v in existing.arrays.items()}
+        for i, name in enumerate(existing.tile_names)
+    }
+
+
+class PartStore:
+    """Numbered ``.npz`` part files of finished tiles, each written atomically."""
+
+    def __init__(self, folder: Path, settings: Dict[str, Any]):
+        self.folder = folder
+        self.settings = settings
+        self._names: List[str] = []
+        self._arrays: Dict[str, List[np.ndarray]] = {}
+
+    @property
+    def pending_rows(self) -> int:
+        return len(self._names)
+
+    def load(self) -> Dict[str, Dict[str, np.ndarray]]:
+        """Rows saved by earlier runs with the same settings, by tile name."""
+        settings_file = self.folder / "settings.json"
+        if not settings_file.exists():
+            return {}
+        try:
+            saved = json.loads(settings_file.read_text())
+        except ValueError:
+            saved = {}
+        if not _same_numbers(saved, self.settings):
+            logger.warning("%s was made with other settings: starting again", self.folder)
+            shutil.rmtree(self.folder)
+            return {}
+        rows: Dict[str, Dict[str, np.ndarray]] = {}
+        for part in sorted(self.folder.glob("part-*.npz")):
+            try:
+                with np.load(part) as data:
+                    names = [str(n) for n in data["tile_names"]]
+                    arrays = {k: data[k] for k in data.files if k != "tile_names"}
+            except Exception as error:  # cannot happen with atomic writes, but never trust a disk
+                logger.warning("ignoring unreadable part %s (%s)", part, error)
+                continue
+            for i, name in enumerate(names):
+                rows[name] = {k: v[i] for k, v in arrays.items()}
+        return rows
+
+    def add(self, names: List[str], arrays: Dict[str, np.ndarray]) -> None:
+        self._names.extend(names)
+        for key, value in arrays.items():
+            self._arrays.setdefault(key, []).append(value)
+
+    def flush(self) -> None:
+        if not self._names:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        settings_file = self.folder / "settings.json"
+        if not settings_file.exists():
+            with atomic_path(settings_file) as tmp:
+                tmp.write_text(json.dumps(self.settings))
+        number = len(list(self.folder.glob("part-*.npz"))) + 1
+        with atomic_path(self.folder / f"part-{number:06d}-{int(time.time())}.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, tile_names=np.array(self._names), **{k: np.concatenate(v) for k, v in self._arrays.items()})
+        self._names, self._arrays = [], {}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

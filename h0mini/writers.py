@@ -1,0 +1,212 @@
+"""Embedding files: .h5 (TRIDENT/CLAM layout), .npy (+ .json sidecar), .pt and .parquet.
+
+Every file is written to a temporary name in the same folder and renamed into
+place, so a file under the final name is always complete. Each records its
+provenance (versions, weights, revision, sha256, output mode, precision,
+preprocessing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+
+from .errors import OptionalDependencyError
+
+FORMATS = (".h5", ".hdf5", ".npy", ".pt", ".parquet")
+MULTI_ARRAY_OUTPUTS = ("all",)
+
+
+@dataclass
+class Embeddings:
+    """What an embedding file holds: arrays by name, one row per tile, and where they came from."""
+
+    arrays: Dict[str, np.ndarray]  # "features", or "cls"/"registers"/"patch_tokens" for output="all"
+    tile_names: List[str]
+    coords: Optional[np.ndarray] = None  # (N, 2) int64 pixel x, y when known
+    provenance: Dict[str, Any] = field(default_factory=dict)
+    skipped: List[Dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tile_names)
+
+
+def check_format(path: Path, output: str) -> None:
+    """Fail before any work when the format cannot hold the output."""
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"unknown output format {suffix or '(none)'!r} for {str(path)!r}: use one of {', '.join(FORMATS)}")
+    if output in MULTI_ARRAY_OUTPUTS and suffix in (".npy", ".parquet"):
+        raise ValueError(f"output={output!r} holds several arrays: write it to .h5 or .pt, not {suffix}")
+    if output == "patch_tokens" and suffix == ".parquet":
+        raise ValueError("patch tokens are 3-D: write them to .h5, .npy or .pt, not .parquet")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path``, renamed onto it only when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_embeddings(path: Path, embeddings: Embeddings) -> None:
+    path = Path(path)
+    suffix = path.suffix.lower()
+    writer = {".h5": _write_h5, ".hdf5": _write_h5, ".npy": _write_npy, ".pt": _write_pt, ".parquet": _write_parquet}
+    if suffix == ".npy":
+        # The sidecar first: a complete .npy never lacks its names and provenance.
+        with atomic_path(sidecar(path)) as tmp:
+            tmp.write_text(json.dumps(_metadata(embeddings), indent=1))
+    with atomic_path(path) as tmp:
+        writer[suffix](tmp, embeddings)
+
+
+def read_embeddings(path: Path) -> Embeddings:
+    path = Path(path)
+    suffix = path.suffix.lower()
+    reader = {".h5": _read_h5, ".hdf5": _read_h5, ".npy": _read_npy, ".pt": _read_pt, ".parquet": _read_parquet}
+    if suffix not in reader:
+        raise ValueError(f"unknown embedding file format {suffix!r}: {str(path)!r}")
+    return reader[suffix](path)
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _metadata(embeddings: Embeddings) -> Dict[str, Any]:
+    return {
+        "tile_names": embeddings.tile_names,
+        "coords": embeddings.coords.tolist() if embeddings.coords is not None else None,
+        "provenance": embeddings.provenance,
+        "skipped": embeddings.skipped,
+    }
+
+
+# -- HDF5 -------------------------------------------------------------------------------------------
+
+
+def _write_h5(tmp: Path, embeddings: Embeddings) -> None:
+    import h5py
+
+    with h5py.File(tmp, "w") as f:
+        for name, array in embeddings.arrays.items():
+            f.create_dataset(name, data=array)
+        f.create_dataset("tile_names", data=np.array(embeddings.tile_names, dtype=object), dtype=h5py.string_dtype())
+        if embeddings.coords is not None:
+            f.create_dataset("coords", data=embeddings.coords.astype(np.int64))
+        for key, value in embeddings.provenance.items():
+            f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else ("" if value is None else str(value))
+        f.attrs["h0mini_provenance"] = json.dumps(embeddings.provenance)
+        f.attrs["skipped"] = json.dumps(embeddings.skipped)
+
+
+def _read_h5(path: Path) -> Embeddings:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        arrays = {k: f[k][()] for k in f.keys() if k not in ("tile_names", "coords")}
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["tile_names"][()]]
+        coords = f["coords"][()] if "coords" in f else None
+        provenance = json.loads(f.attrs.get("h0mini_provenance", "{}"))
+        skipped = json.loads(f.attrs.get("skipped", "[]"))
+    return Embeddings(arrays, names, coords, provenance, skipped)
+
+
+# -- numpy ------------------------------------------------------------------------------------------
+
+
+def _write_npy(tmp: Path, embeddings: Embeddings) -> None:
+    with open(tmp, "wb") as f:
+        np.save(f, embeddings.arrays["features"])
+
+
+def _read_npy(path: Path) -> Embeddings:
+    meta = json.loads(sidecar(path).read_text())
+    coords = np.asarray(meta["coords"], dtype=np.int64) if meta.get("coords") is not None else None
+    return Embeddings({"features": np.load(path)}, meta["tile_names"], coords, meta["provenance"], meta["skipped"])
+
+
+# -- torch ------------------------------------------------------------------------------------------
+
+
+def _write_pt(tmp: Path, embeddings: Embeddings) -> None:
+    payload: Dict[str, Any] = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in embeddings.arrays.items()}
+    payload.update(_metadata(embeddings))
+    if embeddings.coords is not None:
+        payload["coords"] = torch.from_numpy(embeddings.coords.astype(np.int64))
+    torch.save(payload, tmp)
+
+
+def _read_pt(path: Path) -> Embeddings:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    meta_keys = ("tile_names", "coords", "provenance", "skipped")
+    arrays = {k: v.numpy() for k, v in payload.items() if k not in meta_keys}
+    coords = payload.get("coords")
+    return Embeddings(
+        arrays,
+        list(payload["tile_names"]),
+        coords.numpy() if isinstance(coords, torch.Tensor) else None,
+        payload["provenance"],
+        payload["skipped"],
+    )
+
+
+# -- parquet ----------------------------------------------------------------------------------------
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise OptionalDependencyError("pyarrow", extra="parquet", feature="Writing .parquet embeddings") from None
+    return pyarrow, pyarrow.parquet
+
+
+def _write_parquet(tmp: Path, embeddings: Embeddings) -> None:
+    pa, pq = _pyarrow()
+    features = np.ascontiguousarray(embeddings.arrays["features"])
+    columns = {"tile_name": pa.array(embeddings.tile_names, pa.string())}
+    if embeddings.coords is not None:
+        columns["x"] = pa.array(embeddings.coords[:, 0])
+        columns["y"] = pa.array(embeddings.coords[:, 1])
+    flat = pa.array(features.reshape(-1))
+    columns["features"] = pa.FixedSizeListArray.from_arrays(flat, features.shape[1])
+    table = pa.table(columns)
+    meta = {b"h0mini_provenance": json.dumps(embeddings.provenance), b"h0mini_skipped": json.dumps(embeddings.skipped)}
+    pq.write_table(table.replace_schema_metadata(meta), tmp)
+
+
+def _read_parquet(path: Path) -> Embeddings:
+    _, pq = _pyarrow()
+    table = pq.read_table(path)
+    meta = table.schema.metadata or {}
+    features = np.asarray(table.column("features").combine_chunks().flatten()).reshape(table.num_rows, -1)
+    coords = (
+        np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], 1).astype(np.int64)
+        if "x" in table.column_names
+        else None
+    )
+    return Embeddings(
+        {"features": features},
+        table.column("tile_name").to_pylist(),
+        coords,
+        json.loads(meta.get(b"h0mini_provenance", b"{}")),
+        json.loads(meta.get(b"h0mini_skipped", b"[]")),
+    )

@@ -1,0 +1,177 @@
+"""`h0mini embed`: readable outputs with provenance, resume after interruption, clear failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import h0mini
+from h0mini.cli import main
+from h0mini.embed import TileEmbedder
+from h0mini.job import embed_to_file
+from h0mini.writers import read_embeddings
+from helpers import EXAMPLE_TILES, slide_tiles, write_checkpoint
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    write_checkpoint(folder)
+    return folder
+
+
+@pytest.fixture
+def tiles(tmp_path):
+    folder = tmp_path / "tiles"
+    shutil.copytree(EXAMPLE_TILES[0].parent, folder)
+    return folder
+
+
+def embed(*args):
+    return main(["embed", *map(str, args)])
+
+
+def expected_features(checkpoint, paths, output="cls+mean"):
+    return h0mini.embed_tiles([str(p) for p in paths], h0mini.load_model(checkpoint), output=output, precision="fp32")
+
+
+def test_h5_holds_features_names_coords_and_provenance(checkpoint, tiles, tmp_path, capsys):
+    out = tmp_path / "features.h5"
+    assert embed(tiles, "-o", out, "--weights", checkpoint, "--precision", "fp32") == 0
+    assert "7 tiles (7 embedded" in capsys.readouterr().out
+    paths = sorted(tiles.glob("*.png"))
+    with h5py.File(out) as f:
+        np.testing.assert_allclose(f["features"][()], expected_features(checkpoint, paths), atol=1e-5)
+        assert [n.decode() for n in f["tile_names"][()]] == [str(p) for p in paths]
+        assert f["coords"][0].tolist() == [896, 448]  # parsed from cmu1_x0896_y0448.png
+        provenance = json.loads(f.attrs["h0mini_provenance"])
+        assert f.attrs["weights_sha256"] == provenance["weights_sha256"] == h0mini.load_model(checkpoint).h0mini_weights.sha256
+    assert provenance["output"] == "cls+mean" and provenance["precision"] == "fp32"
+    assert provenance["preprocessing"]["input_size"] == 224 and provenance["arch"] == "h0mini_test"
+    for key in ("h0mini_version", "timm_version", "torch_version", "revision", "weights"):
+        assert key in provenance
+    assert not out.with_name(out.name + ".parts").exists()
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".pt", ".parquet"])
+def test_other_formats_hold_the_same_numbers(checkpoint, tiles, tmp_path, suffix):
+    out = tmp_path / f"features{suffix}"
+    assert embed(tiles, "-o", out, "--weights", checkpoint, "--precision", "fp32", "--output-mode", "cls") == 0
+    expected = expected_features(checkpoint, sorted(tiles.glob("*.png")), output="cls")
+    if suffix == ".npy":
+        loaded = np.load(out)
+        meta = json.loads(out.with_name(out.name + ".json").read_text())
+        assert len(meta["tile_names"]) == 7 and meta["provenance"]["output"] == "cls"
+    elif suffix == ".pt":
+        payload = torch.load(out, weights_only=True)
+        loaded = payload["features"].numpy()
+        assert payload["provenance"]["output"] == "cls" and payload["coords"].shape == (7, 2)
+    else:
+        frame = pd.read_parquet(out)
+        loaded = np.stack(frame["features"].to_numpy())
+        assert list(frame.columns) == ["tile_name", "x", "y", "features"]
+    np.testing.assert_allclose(loaded, expected, atol=1e-5)
+    assert read_embeddings(out).provenance["output"] == "cls"
+
+
+def test_all_outputs_go_to_h5_and_not_to_npy(checkpoint, tiles, tmp_path):
+    assert embed(tiles, "-o", tmp_path / "all.h5", "--weights", checkpoint, "--output-mode", "all") == 0
+    with h5py.File(tmp_path / "all.h5") as f:
+        assert f["cls"].shape == (7, 48) and f["registers"].shape == (7, 4, 48) and f["patch_tokens"].shape == (7, 256, 48)
+    with pytest.raises(SystemExit) as info:
+        embed(tiles, "-o", tmp_path / "all.npy", "--weights", checkpoint, "--output-mode", "all")
+    assert info.value.code == 2
+
+
+def test_an_interrupted_run_resumes_with_only_the_missing_tiles(checkpoint, tiles, tmp_path, monkeypatch):
+    out = tmp_path / "features.h5"
+    embedder = TileEmbedder(h0mini.load_model(checkpoint), batch_size=2, precision="fp32")
+    real = TileEmbedder.iter_batches
+
+    def interrupted(self, source, on_error="raise"):
+        for n, batch in enumerate(real(self, source, on_error=on_error)):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(TileEmbedder, "iter_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        embed_to_file([tiles], out, embedder, part_size=2)
+    assert not out.exists() and len(list(out.with_name(out.name + ".parts").glob("part-*.npz"))) == 2
+    monkeypatch.setattr(TileEmbedder, "iter_batches", real)
+
+    result = embed_to_file([tiles], out, embedder)
+    assert (result.reused, result.embedded) == (4, 3)
+    np.testing.assert_allclose(
+        read_embeddings(out).arrays["features"], expected_features(checkpoint, sorted(tiles.glob("*.png"))), atol=1e-5
+    )
+
+
+def test_new_tiles_extend_a_finished_output(checkpoint, tiles, tmp_path, capsys):
+    out = tmp_path / "features.h5"
+    first = sorted(tiles.glob("*.png"))[:4]
+    assert embed(*first, "-o", out, "--weights", checkpoint) == 0
+    assert embed(tiles, "-o", out, "--weights", checkpoint) == 0
+    assert "7 tiles (3 embedded, 4 reused" in capsys.readouterr().out.splitlines()[-1]
+    # Other settings never mix with the old numbers.
+    assert embed(tiles, "-o", out, "--weights", checkpoint, "--precision", "fp32") == 0
+    assert "7 tiles (7 embedded" in capsys.readouterr().out
+
+
+def test_a_killed_process_leaves_no_output_that_looks_complete(checkpoint, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for (x, y), tile in slide_tiles()[:40]:
+        Image.fromarray(tile).save(folder / f"slide_x{x}_y{y}.png")
+    out = tmp_path / "features.h5"
+    command = [sys.executable, "-m", "h0mini", "embed", str(folder), "-o", str(out), "--weights", str(checkpoint),
+               "--batch-size", "2", "--save-every", "2", "--num-workers", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    parts = out.with_name(out.name + ".parts")
+    deadline = time.time() + 120
+    while not list(parts.glob("part-*.npz")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists() or len(read_embeddings(out)) == 40
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert "40 tiles" in finished.stdout and "reused" in finished.stdout
+    assert len(read_embeddings(out)) == 40
+
+
+def test_bad_tiles_stop_with_one_line_or_are_skipped_and_reported(checkpoint, tiles, tmp_path, capsys):
+    broken = tiles / "broken.png"
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "features.h5"
+    assert embed(tiles, "-o", out, "--weights", checkpoint) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "broken.png" in err and "not an image" in err and "tile 0" in err
+
+    assert embed(tiles, "-o", out, "--weights", checkpoint, "--on-error", "skip") == 0
+    captured = capsys.readouterr()
+    assert "skipped tile 0" in captured.err and "1 skipped" in captured.out
+    saved = read_embeddings(out)
+    assert len(saved) == 7 and saved.skipped[0]["path"] == str(broken)
+
+
+def test_unreachable_hub_ends_with_the_offline_message(tiles, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    assert embed(tiles, "-o", tmp_path / "f.h5") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: The weights of 'bioptimus/H0-mini'") and "h0mini download" in err
