@@ -1,0 +1,27 @@
+"""The benchmark scripts still run (tiny model, a few tiles); their figures live in the README."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+
+@pytest.fixture(autouse=True)
+def benchmarks_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+
+
+@pytest.mark.parametrize("script", ["model_only", "end_to_end", "precision_parity", "memory"])
+def test_benchmark_runs_and_reports(script, capsys):
+    rows = importlib.import_module(script).main(["--smoke", "--device", "cpu"])
+    assert rows and all(rows)
+    assert "|" in capsys.readouterr().out
+
+
+def test_end_to_end_smoke_agrees_with_the_model_card(capsys):
+    rows = importlib.import_module("end_to_end").main(["--smoke", "--device", "cpu", "--formats", "png:224"])
+    assert rows[0]["min cosine"] > 0.999  # bf16 or fp32 default against the fp32 card loop
