@@ -17,6 +17,14 @@ H_OPTIMUS_0_ARCH = "h_optimus_0"
 H_OPTIMUS_1_ARCH = "h_optimus_1"
 TEST_ARCH = "h0mini_test"
 
+# Known Hub repos are always built with h0mini's architecture (whatever their config.json names),
+# so the SwiGLU layers that a config.json cannot express are never missed.
+REPO_ARCHS = {
+    H0_MINI_REPO_ID: H0_MINI_ARCH,
+    H_OPTIMUS_0_REPO_ID: H_OPTIMUS_0_ARCH,
+    H_OPTIMUS_1_REPO_ID: H_OPTIMUS_1_ARCH,
+}
+
 # Hub layout of a timm checkpoint.
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"

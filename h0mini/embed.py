@@ -30,7 +30,7 @@ import torch
 from .errors import InvalidTileError
 from .model import load_model
 from .preprocess import Preprocessing
-from .tiles import TileRef, describe, read_input
+from .tiles import TileRef, DatasetItems, describe, read_input
 
 logger = logging.getLogger(__name__)
 
@@ -241,13 +241,14 @@ class TileEmbedder:
             )
             yield from loader
         else:
-            yield from prefetch(_batched_in_thread(source.items, prepare, self.batch_size), depth=2)
+            pin = self.device.type == "cuda"
+            yield from prefetch(_batched_in_thread(source.items, prepare, self.batch_size, pin), depth=2)
 
     def _workers(self, source: Any) -> int:
         if self.num_workers != "auto":
             return max(0, int(self.num_workers))
-        if not source.all_paths and not hasattr(source.items, "__getitem__"):
-            return 0
+        if not source.all_paths and not isinstance(source.items, DatasetItems):
+            return 0  # in-memory tiles: a thread prepares them without copying them to another process
         if source.length is None or source.length < 4 * self.batch_size:
             return 0  # starting processes costs more than decoding a few tiles in a thread
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -418,15 +419,21 @@ def collate(samples: List[Tuple[int, Any, Optional[str], str]]) -> Tuple[np.ndar
     return indices, batches, skipped
 
 
-def _batched_in_thread(items: Iterable[Any], prepare: _Prepare, batch_size: int) -> Iterator[tuple]:
+def _batched_in_thread(items: Iterable[Any], prepare: _Prepare, batch_size: int, pin: bool) -> Iterator[tuple]:
+    """Prepare and collate batches; pinned for a non-blocking copy when the model is on CUDA."""
     samples = []
     for index, item in enumerate(items):
         samples.append(prepare(index, item))
         if len(samples) == batch_size:
-            yield collate(samples)
+            yield _pinned(collate(samples)) if pin else collate(samples)
             samples = []
     if samples:
-        yield collate(samples)
+        yield _pinned(collate(samples)) if pin else collate(samples)
+
+
+def _pinned(batch: Tuple[np.ndarray, list, List[SkippedTile]]) -> Tuple[np.ndarray, list, List[SkippedTile]]:
+    indices, groups, skipped = batch
+    return indices, [(i, pixels.pin_memory()) for i, pixels in groups], skipped
 
 
 _DONE = object()

@@ -14,7 +14,7 @@ import torch
 from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from .constants import ENV_WEIGHTS, H0_MINI_ARCH, H0_MINI_REPO_ID, SWIGLU_MLP_RATIO
+from .constants import ENV_WEIGHTS, H0_MINI_ARCH, H0_MINI_REPO_ID, REPO_ARCHS, SWIGLU_MLP_RATIO
 from .errors import IncompatibleCheckpointError, ModelNotFoundError
 from .hub import Checkpoint, PathLike, resolve_checkpoint
 
@@ -164,9 +164,10 @@ def architecture_for(
 ) -> Tuple[str, Dict[str, Any], Optional[Dict[str, Any]]]:
     """Architecture name, model kwargs and pretrained cfg for a checkpoint, as timm's hf-hub loader reads them.
 
-    A Hub ``config.json`` cannot store the SwiGLU layer classes, so a base timm
-    architecture with the Bioptimus MLP ratio gets ``SwiGLUPacked``/``SiLU`` added:
-    the same arguments the model card passes by hand.
+    A Hub ``config.json`` cannot store the SwiGLU layer classes. The Bioptimus repos
+    are built with h0mini's registered architectures; any other config naming a base
+    timm architecture with the Bioptimus MLP ratio gets ``SwiGLUPacked``/``SiLU``
+    added: the same arguments the model card passes by hand.
     """
     config = checkpoint.config
     if config is None:
@@ -183,7 +184,7 @@ def architecture_for(
     else:
         pretrained_cfg.update(file=str(checkpoint.weights_path), source="local-dir")
     model_kwargs = dict(config.get("model_args") or {})
-    name = arch or config.get("architecture")
+    name = arch or REPO_ARCHS.get(checkpoint.repo_id or "") or config.get("architecture")
     if not name:
         raise ModelNotFoundError(
             f"config.json of {checkpoint.weights_path.parent} names no 'architecture'; pass arch='h0_mini' "

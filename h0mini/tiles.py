@@ -77,7 +77,7 @@ def read_input(tiles: Any) -> TileInput:
         single = Path(tiles).is_file() and Path(tiles).suffix.lower() not in LIST_SUFFIXES
         return TileInput(refs, single=single, length=len(refs), all_paths=True)
     if isinstance(tiles, torch.utils.data.Dataset) and hasattr(tiles, "__len__"):
-        return TileInput(_DatasetItems(tiles), single=False, length=len(tiles), all_paths=False)
+        return TileInput(DatasetItems(tiles), single=False, length=len(tiles), all_paths=False)
     if isinstance(tiles, (str, bytes)):
         raise InvalidTileError(f"cannot read tiles from {type(tiles).__name__}")
     if isinstance(tiles, Sequence) and all(is_path(t) or isinstance(t, TileRef) for t in tiles):
@@ -93,7 +93,7 @@ def read_input(tiles: Any) -> TileInput:
     )
 
 
-class _DatasetItems:
+class DatasetItems:
     """A torch Dataset seen as tiles: ``(image, label)`` items give their image."""
 
     def __init__(self, dataset: torch.utils.data.Dataset):

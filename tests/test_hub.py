@@ -46,6 +46,7 @@ def hub(tiny_folder, point_hub_at):
     with FakeHub() as server:
         server.repos[REPO] = FakeRepo(files=checkpoint_files(folder), branches={"v1": "b" * 40})
         server.repos["bioptimus/H0-mini"] = FakeRepo(files=checkpoint_files(folder), gated=True, token="hf_granted")
+        server.repos["test-org/gated-tiny"] = FakeRepo(files=checkpoint_files(folder), gated=True, token="hf_granted")
         point_hub_at(server.url)
         yield server
 
@@ -121,6 +122,17 @@ def test_base_timm_architecture_in_config_gets_the_swiglu_arguments(tmp_path):
     assert loaded.pretrained_cfg["mean"] == config["pretrained_cfg"]["mean"]
 
 
+def test_bioptimus_repos_always_get_the_swiglu_architecture():
+    """Whatever the Hub config.json names, the Bioptimus repos are built with h0mini's registered archs."""
+    from h0mini.hub import Checkpoint
+    from h0mini.model import architecture_for
+
+    config = {"architecture": "vit_base_patch14_reg4_dinov2", "model_args": {"img_size": 224}, "pretrained_cfg": {}}
+    for repo, arch in (("bioptimus/H0-mini", "h0_mini"), ("bioptimus/H-optimus-0", "h_optimus_0")):
+        name, _, cfg = architecture_for(Checkpoint(Path("model.safetensors"), config, "hub", repo_id=repo))
+        assert name == arch and cfg["hf_hub_id"] == repo
+
+
 # -- the Hub, through a local server ----------------------------------------------------------
 
 
@@ -165,7 +177,8 @@ def test_gated_repo_with_a_refused_token_never_shows_the_token(hub):
 
 def test_gated_repo_with_a_granted_token_loads(hub, tiny_folder, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_granted")
-    assert same_outputs(h0mini.load_model(), tiny_folder[1])
+    assert same_outputs(h0mini.load_model("test-org/gated-tiny"), tiny_folder[1])
+    assert any(auth == "Bearer hf_granted" for _, _, auth in hub.requests)
 
 
 def test_unknown_repo_and_revision_are_named(hub):
