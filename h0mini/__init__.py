@@ -11,6 +11,7 @@ import logging
 
 from . import registry as _registry  # noqa: F401  (registers the timm entrypoints)
 from .errors import (
+    EvaluationInputError,
     GatedModelError,
     H0miniError,
     HubConnectionError,
@@ -44,4 +45,5 @@ __all__ = [
     "IncompatibleCheckpointError",
     "InvalidTileError",
     "OptionalDependencyError",
+    "EvaluationInputError",
 ]

@@ -90,3 +90,12 @@ class OptionalDependencyError(H0miniError, ImportError):
         )
         self.package = package
         self.extra = extra
+
+
+class EvaluationInputError(H0miniError, ValueError):
+    """Input to ``h0mini.eval`` is unusable: mismatched tile counts or coordinates between slides,
+    NaN features, an unparsable slide name, an empty pair group, bad labels or settings.
+
+    The message names the slide or field, e.g. ``slide 'GIVH_AT2' has 8138 tiles but slide
+    'GIV_AT2' has 8139``.
+    """

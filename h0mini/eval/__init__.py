@@ -1,0 +1,81 @@
+"""h0mini.eval: robustness and probing evaluations of tile embeddings (extra ``h0mini[eval]``).
+
+* ``plism``: PLISM stain/scanner robustness metrics (cosine similarity, top-k retrieval) for
+  pairs of registered slides, pair groups, aggregates and the leaderboard score.
+* ``perturb`` and ``report``: a robustness self-check on your own tiles, written as a report
+  folder (CSV, Markdown, PNG plots); ``h0mini robustness`` on the command line.
+* ``probe``: eva-style linear probing, kNN and logistic-regression baselines, and the
+  robustness index (RI).
+
+Everything works on any ``(N, D)`` array, such as ``h0mini.embed_tiles`` or ``h0mini embed``
+output. ``import h0mini`` never imports this package; pandas, matplotlib and scikit-learn are
+imported only by the functions that need them.
+"""
+
+from __future__ import annotations
+
+from .perturb import PERTURBATIONS, Perturbation, perturb
+from .plism import (
+    GROUPS,
+    PLISM_SCANNERS,
+    PLISM_STAININGS,
+    SLIDE_PATTERN,
+    TOP_K,
+    SlideFeatures,
+    aggregate,
+    cosine_similarity,
+    evaluate_slides,
+    find_feature_files,
+    leaderboard_score,
+    load_slide_features,
+    pair_metrics,
+    parse_slide_name,
+    slide_pairs,
+    top_k_accuracy,
+)
+from .probe import (
+    ProbeResult,
+    RobustnessIndex,
+    balanced_accuracy,
+    knn_probe,
+    linear_probe,
+    logistic_probe,
+    make_split,
+    robustness_index,
+    run_probes,
+)
+from .report import RobustnessReport, load_tiles, robustness_report
+
+__all__ = [
+    "GROUPS",
+    "PERTURBATIONS",
+    "PLISM_SCANNERS",
+    "PLISM_STAININGS",
+    "SLIDE_PATTERN",
+    "TOP_K",
+    "Perturbation",
+    "ProbeResult",
+    "RobustnessIndex",
+    "RobustnessReport",
+    "SlideFeatures",
+    "aggregate",
+    "balanced_accuracy",
+    "cosine_similarity",
+    "evaluate_slides",
+    "find_feature_files",
+    "knn_probe",
+    "leaderboard_score",
+    "linear_probe",
+    "load_slide_features",
+    "load_tiles",
+    "logistic_probe",
+    "make_split",
+    "pair_metrics",
+    "parse_slide_name",
+    "perturb",
+    "robustness_index",
+    "robustness_report",
+    "run_probes",
+    "slide_pairs",
+    "top_k_accuracy",
+]

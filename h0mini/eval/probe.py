@@ -1,0 +1,537 @@
+"""Linear probing, kNN and logistic-regression baselines, and the robustness index (RI).
+
+The linear probe follows kaiko's eva protocol for frozen embeddings: one ``nn.Linear`` head,
+cross-entropy, AdamW at lr 3e-4 (torch's default weight decay, 0.01), batches of 256 drawn from
+shuffled epochs, validation balanced accuracy checked every ``eval_every`` steps, the best head
+kept, training stopped after ``patience`` steps without improvement, and several seeds whose
+test scores are reported as mean and std. eva trains for 12,500 steps with patience 400 on
+GPU; the default here is 2,000 steps (early stopping ends most runs on cached embeddings
+sooner), and ``max_steps=12_500`` reproduces eva's budget.
+
+On CPU the head trains with one intra-op thread for the duration of the call (restored
+afterwards): a linear head on cached embeddings is bound by per-operation overhead, and more
+threads only add synchronisation (measured 30x slower with 2 threads on a busy 2-core machine).
+
+Balanced accuracy is the mean recall over the classes present in the true labels
+(scikit-learn's ``balanced_accuracy_score``).
+
+The robustness index (PathoROB, de Jong et al.): over each sample's k nearest neighbours
+(cosine), with neighbours from the same slide excluded, count SO (same biological label, other
+centre) and OS (other label, same centre); ``RI = sum SO / (sum SO + sum OS)``. Above 0.5,
+biology dominates the embedding; below, the centre (stain, scanner, site) does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..errors import EvaluationInputError
+from .plism import import_optional
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[Any]]
+
+
+@dataclass
+class ProbeResult:
+    """Test balanced accuracy of one probing method over one or more runs."""
+
+    method: str
+    mean: float
+    std: float
+    scores: List[float]
+    details: Dict[str, Any] = field(default_factory=dict)
+
+    def as_row(self) -> Dict[str, Any]:
+        return {
+            "method": self.method,
+            "balanced_accuracy_mean": self.mean,
+            "balanced_accuracy_std": self.std,
+            "n_runs": len(self.scores),
+        }
+
+
+@dataclass
+class RobustnessIndex:
+    """``ri = so / (so + os)`` over ``n`` samples and ``k`` neighbours each."""
+
+    ri: float
+    so: int
+    os: int
+    k: int
+    n: int
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _embeddings(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().float().numpy()
+    array = np.asarray(x)
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise EvaluationInputError(f"embeddings must be a non-empty 2-D array (samples, dim), got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.number):
+        raise EvaluationInputError(f"embeddings must be numbers, got dtype {array.dtype}")
+    array = array.astype(np.float32, copy=False)
+    bad = ~np.isfinite(array)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise EvaluationInputError(
+            f"embeddings have NaN or inf values in {int(bad.any(axis=1).sum())} row(s), first at row {row}, dimension {col}"
+        )
+    return array
+
+
+def _vector(x: Optional[ArrayLike], n: int, field_name: str) -> Optional[np.ndarray]:
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    array = np.asarray(x)
+    if array.ndim != 1 or len(array) != n:
+        raise EvaluationInputError(f"{field_name} must be 1-D with one entry per embedding ({n}), got shape {array.shape}")
+    if array.dtype.kind == "f" and np.isnan(array).any():
+        raise EvaluationInputError(f"{field_name} has NaN entries, first at row {int(np.argwhere(np.isnan(array))[0][0])}")
+    return array
+
+
+def encode_labels(labels: ArrayLike) -> Tuple[np.ndarray, np.ndarray]:
+    """``(classes, codes)``: the sorted distinct labels and each label's index into them."""
+    classes, codes = np.unique(np.asarray(labels), return_inverse=True)
+    return classes, codes.astype(np.int64)
+
+
+def make_split(
+    labels: ArrayLike,
+    *,
+    groups: Optional[ArrayLike] = None,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> np.ndarray:
+    """A train/val/test assignment: stratified by label, or by group (slide, patient) when given.
+
+    With ``groups`` every group lands wholly in one split, so that no slide leaks between
+    training and testing (scikit-learn ``GroupShuffleSplit``; fractions then count groups).
+
+    Returns:
+        Array of ``"train"``/``"val"``/``"test"`` strings, one per sample.
+
+    Raises:
+        EvaluationInputError (a ValueError): fractions out of range, or too few samples or groups to split.
+    """
+    model_selection = import_optional("scikit-learn", "probe splits").model_selection
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise EvaluationInputError(
+            f"val_fraction and test_fraction must be in (0, 1) with a sum below 1, got {val_fraction}, {test_fraction}"
+        )
+    labels = np.asarray(labels)
+    n = len(labels)
+    index = np.arange(n)
+    split = np.full(n, "train", dtype=object)
+    if groups is not None:
+        groups = _vector(groups, n, "groups")
+        n_groups = len(np.unique(groups))
+        if n_groups < 3:
+            raise EvaluationInputError(f"a group-aware split needs at least 3 groups, got {n_groups}")
+        outer = model_selection.GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
+        rest, test = next(outer.split(index, groups=groups))
+        inner = model_selection.GroupShuffleSplit(
+            n_splits=1, test_size=val_fraction / (1 - test_fraction), random_state=seed + 1
+        )
+        train, val = next(inner.split(rest, groups=groups[rest]))
+        split[index[test]] = "test"
+        split[rest[val]] = "val"
+        return split.astype(str)
+    _, counts = np.unique(labels, return_counts=True)
+    stratify = labels if counts.min() >= 3 else None
+    if stratify is None:
+        logger.warning("some class has fewer than 3 samples; the split is not stratified")
+    rest, test = model_selection.train_test_split(index, test_size=test_fraction, random_state=seed, stratify=stratify)
+    train, val = model_selection.train_test_split(
+        rest,
+        test_size=val_fraction / (1 - test_fraction),
+        random_state=seed + 1,
+        stratify=None if stratify is None else labels[rest],
+    )
+    split[test] = "test"
+    split[val] = "val"
+    return split.astype(str)
+
+
+def _resolve_split(
+    labels: np.ndarray, split: Optional[ArrayLike], groups: Optional[ArrayLike], need_val: bool, seed: int
+) -> np.ndarray:
+    if split is None:
+        return make_split(labels, groups=groups, seed=seed)
+    split = _vector(split, len(labels), "split").astype(str)
+    unknown = sorted(set(split) - set(SPLITS))
+    if unknown:
+        raise EvaluationInputError(f"split has unknown values {unknown}; use 'train', 'val' and 'test'")
+    needed = ("train", "val", "test") if need_val else ("train", "test")
+    empty = [s for s in needed if not (split == s).any()]
+    if empty:
+        raise EvaluationInputError(f"split has no {' and no '.join(repr(s) for s in empty)} samples" + (
+            " (the linear probe early-stops on 'val')" if "val" in empty else ""
+        ))
+    return split
+
+
+def balanced_accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Mean per-class recall over the classes in ``y_true`` (scikit-learn's definition)."""
+    metrics = import_optional("scikit-learn", "balanced accuracy").metrics
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(metrics.balanced_accuracy_score(np.asarray(y_true), np.asarray(y_pred)))
+
+
+# --------------------------------------------------------------------------------------------
+# Linear probe (eva)
+
+
+@contextlib.contextmanager
+def _single_thread(device: torch.device) -> Iterator[None]:
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_head(
+    x: Dict[str, torch.Tensor],
+    y: Dict[str, torch.Tensor],
+    n_classes: int,
+    *,
+    seed: int,
+    max_steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    eval_every: int,
+    patience: int,
+) -> Tuple[float, float, int]:
+    """Train one head; return (test balanced accuracy, best val balanced accuracy, best step)."""
+    generator = torch.Generator().manual_seed(seed)
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # nn.Linear's initialisation
+    try:
+        head = torch.nn.Linear(x["train"].shape[1], n_classes).to(x["train"].device)
+    finally:
+        torch.random.set_rng_state(torch_state)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    n_train = x["train"].shape[0]
+    truth = {split: y[split].cpu().numpy() for split in ("val", "test")}
+
+    def evaluate(split: str) -> float:
+        with torch.no_grad():
+            predicted = head(x[split]).argmax(dim=1).cpu().numpy()
+        return balanced_accuracy(truth[split], predicted)
+
+    best_score, best_step, best_state = -math.inf, 0, copy.deepcopy(head.state_dict())
+    order = torch.randperm(n_train, generator=generator)
+    position = 0
+    for step in range(1, max_steps + 1):
+        if position >= n_train:
+            order, position = torch.randperm(n_train, generator=generator), 0
+        batch = order[position : position + batch_size].to(x["train"].device)
+        position += batch_size
+        head.train()
+        loss = loss_fn(head(x["train"][batch]), y["train"][batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % eval_every == 0 or step == max_steps:
+            head.eval()
+            score = evaluate("val")
+            if score > best_score:
+                best_score, best_step, best_state = score, step, copy.deepcopy(head.state_dict())
+            elif step - best_step >= patience:
+                break
+    head.load_state_dict(best_state)
+    head.eval()
+    return evaluate("test"), best_score, best_step
+
+
+def linear_probe(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    *,
+    split: Optional[ArrayLike] = None,
+    groups: Optional[ArrayLike] = None,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    max_steps: int = 2000,
+    batch_size: int = 256,
+    lr: float = 3e-4,
+    weight_decay: float = 0.01,
+    eval_every: int = 50,
+    patience: int = 400,
+    device: Union[str, torch.device, None] = None,
+) -> ProbeResult:
+    """Train a linear head on frozen embeddings, eva style, over several seeds.
+
+    Args:
+        embeddings: ``(N, D)`` features.
+        labels: ``N`` class labels (any hashable values).
+        split: ``N`` values ``"train"``/``"val"``/``"test"``. Default: a 60/20/20 split, stratified by
+            label, or by ``groups`` when given.
+        groups: ``N`` group ids (slide, patient) kept within one split when the split is made here.
+        seeds: one run per seed (initialisation and batch order). Default: 5 runs, as eva.
+        max_steps: optimiser steps per run (eva: 12,500). Default 2,000.
+        batch_size, lr, weight_decay: AdamW settings. Defaults: 256, 3e-4, 0.01.
+        eval_every: steps between validation checks.
+        patience: stop after this many steps without a better validation balanced accuracy.
+        device: torch device. Default: CPU.
+
+    Returns:
+        ``ProbeResult`` with the test balanced accuracy mean and std (``ddof=0``) over seeds, and
+        per-seed best validation scores and steps in ``details``.
+
+    Raises:
+        EvaluationInputError (a ValueError): mismatched lengths, NaN embeddings, an empty split, or bad settings.
+    """
+    x_all = _embeddings(embeddings)
+    n = len(x_all)
+    labels = _vector(labels, n, "labels")
+    for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("eval_every", eval_every), ("patience", patience)):
+        if int(value) < 1:
+            raise EvaluationInputError(f"{name} must be >= 1, got {value}")
+    if not seeds:
+        raise EvaluationInputError("seeds must name at least one seed")
+    classes, codes = encode_labels(labels)
+    if len(classes) < 2:
+        raise EvaluationInputError(f"labels must have at least 2 classes, got {classes.tolist()}")
+    split = _resolve_split(labels, split, groups, need_val=True, seed=int(seeds[0]))
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    x = {s: torch.from_numpy(x_all[split == s]).to(device) for s in SPLITS}
+    y = {s: torch.from_numpy(codes[split == s]).to(device) for s in SPLITS}
+    scores, val_scores, steps = [], [], []
+    for seed in seeds:
+        with _single_thread(device):
+            test, val, step = _train_head(
+                x, y, len(classes), seed=int(seed), max_steps=int(max_steps), batch_size=int(batch_size),
+                lr=lr, weight_decay=weight_decay, eval_every=int(eval_every), patience=int(patience),
+            )  # fmt: skip
+        scores.append(test)
+        val_scores.append(val)
+        steps.append(step)
+        logger.info("linear probe seed %s: val %.4f at step %d, test %.4f", seed, val, step, test)
+    return ProbeResult(
+        "linear",
+        float(np.mean(scores)),
+        float(np.std(scores)),
+        scores,
+        {"val_balanced_accuracy": val_scores, "best_step": steps, "classes": classes.tolist()},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines
+
+
+def knn_probe(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    *,
+    split: Optional[ArrayLike] = None,
+    groups: Optional[ArrayLike] = None,
+    k: int = 20,
+    seed: int = 0,
+) -> ProbeResult:
+    """k-nearest-neighbour classifier (cosine distance, majority vote) fit on train, scored on test.
+
+    ``"val"`` samples, if any, are not used. Default ``k = 20`` (the DINO kNN protocol), capped
+    at the number of training samples.
+
+    Returns:
+        ``ProbeResult`` with one run.
+    """
+    neighbors = import_optional("scikit-learn", "kNN probe").neighbors
+    x = _embeddings(embeddings)
+    labels = _vector(labels, len(x), "labels")
+    split = _resolve_split(labels, split, groups, need_val=False, seed=seed)
+    train, test = split == "train", split == "test"
+    k_used = min(int(k), int(train.sum()))
+    if k_used < 1:
+        raise EvaluationInputError(f"k must be >= 1, got {k}")
+    classifier = neighbors.KNeighborsClassifier(n_neighbors=k_used, metric="cosine", algorithm="brute")
+    classifier.fit(x[train], labels[train])
+    score = balanced_accuracy(labels[test], classifier.predict(x[test]))
+    return ProbeResult("knn", score, 0.0, [score], {"k": k_used})
+
+
+def logistic_probe(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    *,
+    split: Optional[ArrayLike] = None,
+    groups: Optional[ArrayLike] = None,
+    C: float = 1.0,
+    max_iter: int = 1000,
+    seed: int = 0,
+) -> ProbeResult:
+    """Standardised features + L2 logistic regression (scikit-learn, lbfgs), fit on train, scored on test.
+
+    Returns:
+        ``ProbeResult`` with one run.
+    """
+    sklearn = import_optional("scikit-learn", "logistic-regression probe")
+    import sklearn.linear_model  # noqa: F401
+    import sklearn.pipeline  # noqa: F401
+    import sklearn.preprocessing  # noqa: F401
+
+    x = _embeddings(embeddings)
+    labels = _vector(labels, len(x), "labels")
+    split = _resolve_split(labels, split, groups, need_val=False, seed=seed)
+    train, test = split == "train", split == "test"
+    if len(np.unique(labels[train])) < 2:
+        raise EvaluationInputError("the training split has a single class; logistic regression needs two or more")
+    classifier = sklearn.pipeline.make_pipeline(
+        sklearn.preprocessing.StandardScaler(),
+        sklearn.linear_model.LogisticRegression(C=C, max_iter=max_iter, random_state=seed),
+    )
+    classifier.fit(x[train], labels[train])
+    score = balanced_accuracy(labels[test], classifier.predict(x[test]))
+    return ProbeResult("logistic_regression", score, 0.0, [score], {"C": C})
+
+
+def run_probes(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    *,
+    split: Optional[ArrayLike] = None,
+    groups: Optional[ArrayLike] = None,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    max_steps: int = 2000,
+    knn_k: int = 20,
+    device: Union[str, torch.device, None] = None,
+) -> Any:
+    """Linear probe, kNN and logistic regression on one shared split.
+
+    Returns:
+        A pandas DataFrame with columns ``method``, ``balanced_accuracy_mean``,
+        ``balanced_accuracy_std``, ``n_runs``.
+    """
+    pd = import_optional("pandas", "probe tables")
+    x = _embeddings(embeddings)
+    labels = _vector(labels, len(x), "labels")
+    split = _resolve_split(labels, split, groups, need_val=True, seed=int(seeds[0]) if seeds else 0)
+    results = [
+        linear_probe(x, labels, split=split, seeds=seeds, max_steps=max_steps, device=device),
+        knn_probe(x, labels, split=split, k=knn_k),
+        logistic_probe(x, labels, split=split),
+    ]
+    return pd.DataFrame([r.as_row() for r in results])
+
+
+# --------------------------------------------------------------------------------------------
+# Robustness index
+
+
+def robustness_index(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    centres: ArrayLike,
+    *,
+    slides: Optional[ArrayLike] = None,
+    k: int = 10,
+    chunk_size: int = 1024,
+    device: Union[str, torch.device, None] = None,
+) -> RobustnessIndex:
+    """PathoROB's robustness index: do neighbours share biology or centre?
+
+    Args:
+        embeddings: ``(N, D)`` features.
+        labels: ``N`` biological labels (tissue class, cancer type).
+        centres: ``N`` centre ids (hospital, stain protocol, scanner).
+        slides: ``N`` slide ids; neighbours from the same slide are excluded (they share both
+            biology and centre trivially). Default: only the sample itself is excluded.
+        k: neighbours per sample (cosine similarity).
+        chunk_size: rows per similarity block.
+        device: torch device. Default: CPU.
+
+    Returns:
+        ``RobustnessIndex(ri, so, os, k, n)``; ``ri`` in [0, 1], above 0.5 biology dominates.
+
+    Raises:
+        EvaluationInputError (a ValueError): mismatched lengths, NaN or zero embeddings, fewer than ``k`` eligible
+            neighbours for some sample, or no SO/OS neighbour at all (e.g. a single centre).
+    """
+    x = _embeddings(embeddings)
+    n = len(x)
+    labels = _vector(labels, n, "labels")
+    centres = _vector(centres, n, "centres")
+    slides = _vector(slides, n, "slides")
+    if k < 1:
+        raise EvaluationInputError(f"k must be >= 1, got {k}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    _, label_codes = encode_labels(labels)
+    _, centre_codes = encode_labels(centres)
+    slide_codes = encode_labels(slides)[1] if slides is not None else np.arange(n)
+    if len(np.unique(centre_codes)) < 2:
+        raise EvaluationInputError("centres has a single value: the robustness index needs at least two centres")
+    features = torch.from_numpy(x).to(device)
+    norms = torch.linalg.vector_norm(features, dim=1, keepdim=True)
+    if (norms == 0).any():
+        raise EvaluationInputError(f"embedding row {int((norms[:, 0] == 0).nonzero()[0, 0])} is all zeros; cosine is undefined")
+    unit = features / norms
+    lab = torch.from_numpy(label_codes).to(device)
+    cen = torch.from_numpy(centre_codes).to(device)
+    sli = torch.from_numpy(slide_codes).to(device)
+    so = os_ = 0
+    with torch.inference_mode():
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            sims = unit[start:stop] @ unit.T
+            same_slide = sli[start:stop, None] == sli[None, :]
+            eligible = (~same_slide).sum(dim=1)
+            if int(eligible.min()) < k:
+                row = start + int(eligible.argmin())
+                raise EvaluationInputError(
+                    f"sample {row} has only {int(eligible.min())} neighbours outside its slide; lower k (now {k})"
+                )
+            sims.masked_fill_(same_slide, -math.inf)
+            neighbours = torch.topk(sims, k, dim=1).indices
+            same_label = lab[neighbours] == lab[start:stop, None]
+            same_centre = cen[neighbours] == cen[start:stop, None]
+            so += int((same_label & ~same_centre).sum())
+            os_ += int((~same_label & same_centre).sum())
+    if so + os_ == 0:
+        raise EvaluationInputError(
+            "no neighbour has the same label and another centre, or another label and the same centre: "
+            "the robustness index is undefined for this data (check labels and centres)"
+        )
+    return RobustnessIndex(ri=so / (so + os_), so=so, os=os_, k=int(k), n=n)
+
+
+__all__ = [
+    "ProbeResult",
+    "RobustnessIndex",
+    "balanced_accuracy",
+    "encode_labels",
+    "knn_probe",
+    "linear_probe",
+    "logistic_probe",
+    "make_split",
+    "robustness_index",
+    "run_probes",
+]
