@@ -71,3 +71,19 @@ def test_notebook_without_weights_shows_the_access_message(nbformat, tmp_path, m
         execute(notebook, tmp_path, monkeypatch)
     assert "WeightsNotCachedError" in str(caught.value)
     assert "bioptimus/H0-mini" in str(caught.value) and "h0mini download" in str(caught.value)
+
+
+def test_quickstart_script_runs_on_a_local_checkpoint(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT, write_checkpoint
+
+    write_checkpoint(tmp_path / "weights")
+    env = dict(os.environ, H0MINI_WEIGHTS=str(tmp_path / "weights"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "embeddings: (7, 96) float32" in result.stdout
+    assert result.stdout.count("most similar to") == 7
