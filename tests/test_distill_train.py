@@ -1,0 +1,247 @@
+"""h0mini.distill end to end on real H&E tiles: it distils, 2 processes equal 1, a resumed run equals an unbroken one.
+
+Teacher: ``h0mini_test`` (48-d, 2 blocks) with trained-like LayerScale gammas; student: the same family at 24-d.
+Crops are 56 px (global) and 28 px (local), 4x4 and 2x2 patch grids, so each run takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+import h0mini
+from h0mini.constants import MEAN, STD
+from h0mini.distill.__main__ import main
+from h0mini.distill.config import load_config
+from h0mini.distill.heads import DINOHead
+from h0mini.distill.meta_arch import build_student
+
+from helpers import ROOT, slide_tiles, write_checkpoint
+
+TINY = [
+    "student.arch=h0mini_test", "student.model_args={embed_dim: 24, depth: 2, num_heads: 2}",
+    "data.num_workers=0", "crops.global_size=56", "crops.local_size=28", "crops.n_local=2",
+    "dinov2.n_prototypes=128", "dinov2.hidden_dim=64", "dinov2.bottleneck_dim=32", "feature.projector_hidden_dim=64",
+    "optim.lr_scaling=none", "optim.base_lr=5e-3", "optim.warmup_iters=3", "optim.weight_decay=0.01",
+    "optim.weight_decay_end=0.01", "optim.layerwise_decay=1.0", "dinov2.warmup_teacher_temp_iters=4",
+    "dinov2.freeze_last_layer_iters=2", "ema.momentum=0.9", "ema.momentum_end=0.99", "train.log_every=5", "-q",
+]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Real tissue tiles from the example slide: two thirds to train on, one third held out; a teacher folder."""
+    root = tmp_path_factory.mktemp("distill")
+    train_dir = root / "tiles"
+    train_dir.mkdir()
+    held_out = []
+    for i, ((x, y), tile) in enumerate(slide_tiles()):
+        if i % 3 == 0:
+            held_out.append(tile)
+        else:
+            Image.fromarray(tile).save(train_dir / f"cmu1_{x}_{y}.png")
+    write_checkpoint(root / "teacher", "h0mini_test", seed=0)
+    return {"root": root, "tiles": train_dir, "teacher": root / "teacher", "held_out": held_out}
+
+
+def _args(assets, out: Path, *extra: str):
+    return [f"output_dir={out}", f"teacher.model={assets['teacher']}", f"data.sources=[{assets['tiles']}]",
+            *TINY, *extra]
+
+
+def _eval_images(tiles, size=56):
+    """Each held-out tile whole and as four quadrants, at the global crop size: 5 views per tile."""
+    views = []
+    for tile in tiles:
+        x = torch.from_numpy(tile.copy()).permute(2, 0, 1).float() / 255
+        for v in [x] + [x[:, a:a + 112, b:b + 112] for a in (0, 112) for b in (0, 112)]:
+            views.append(F.interpolate(v[None], size=(size, size), mode="bicubic", antialias=True)[0].clamp(0, 1))
+    return (torch.stack(views) - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+def linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(0), b - b.mean(0)
+    return float((b.T @ a).norm() ** 2 / ((a.T @ a).norm() * (b.T @ b).norm()))
+
+
+def knn_agreement(a: torch.Tensor, b: torch.Tensor, k: int = 5) -> float:
+    """Share of each sample's k cosine neighbours under ``a`` that are also its neighbours under ``b``."""
+    sa, sb = (F.normalize(x, dim=-1) @ F.normalize(x, dim=-1).T for x in (a, b))
+    sa.fill_diagonal_(-2)
+    sb.fill_diagonal_(-2)
+    ia, ib = sa.topk(k).indices, sb.topk(k).indices
+    return sum(len(set(ia[i].tolist()) & set(ib[i].tolist())) for i in range(len(a))) / (k * len(a))
+
+
+def test_student_learns_the_teacher_on_held_out_tiles(assets, capsys):
+    out = assets["root"] / "proof"
+    args = _args(assets, out, "train.iterations=60", "train.batch_size=16", "train.checkpoint_every=1000")
+    config = load_config(None, [a for a in args if a != "-q"])
+    torch.manual_seed(config.seed)
+    before = build_student(config).eval()  # the exact initial student of the run
+    assert main(args) == 0
+
+    student = h0mini.load_model(out / "export")  # the exported folder loads through the public API
+    teacher = h0mini.load_model(assets["teacher"])
+    images = _eval_images(assets["held_out"])
+    with torch.no_grad():
+        t, s0, s1 = (m.forward_features(images)[:, 0] for m in (teacher, before, student))
+    cka0, cka1 = linear_cka(t, s0), linear_cka(t, s1)
+    knn0, knn1 = knn_agreement(t, s0), knn_agreement(t, s1)
+    with capsys.disabled():
+        print(f"\n[distill proof] {len(images)} held-out views: CLS linear CKA {cka0:.3f} -> {cka1:.3f}, "
+              f"5-NN agreement {knn0:.3f} -> {knn1:.3f}")
+    assert cka1 > cka0 + 0.1 and cka1 > 0.85
+    assert knn1 > knn0
+
+    card = (out / "export" / "README.md").read_text()
+    assert "feature" in card and str(assets["teacher"]) in card and "28 tiles" in card
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5, 61, 5))
+    assert {"loss_feature_cls", "loss_feature_patch", "lr", "tiles_per_s", "memory_gib", "eta_s"} <= set(records[0])
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert (out / "config.yaml").read_text().startswith("# Resolved h0mini.distill config")
+
+
+def _state(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+EQUIV = ["objective.dinov2=1.0", "objective.feature=1.0", "dinov2.koleo_weight=0", "train.iterations=4",
+         "train.batch_size=8", "train.checkpoint_every=4"]
+
+
+def test_two_gloo_processes_match_one(assets):
+    one = assets["root"] / "one"
+    assert main(_args(assets, one, *EQUIV)) == 0
+    two = assets["root"] / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(_free_port()), "-m", "h0mini.distill", *_args(assets, two, *EQUIV)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _state(one / "checkpoints" / "step_00000004.pt"), _state(two / "checkpoints" / "step_00000004.pt")
+    assert b["world_size"] == 2 and len(b["rng"]) == 2
+    worst = max((a[part][k].float() - b[part][k].float()).abs().max().item()
+                for part in ("trainable", "ema") for k in a[part])
+    print(f"\n[distill 1 vs 2 processes] max |weight difference| after 4 steps: {worst:.2e}")
+    assert worst < 1e-4  # float summation order only: same batches, crops, masks, Sinkhorn sums
+    moved = max((a["trainable"][k] - _initial(assets, one)[k]).abs().max().item() for k in _initial(assets, one))
+    assert moved > 100 * worst  # and the runs did move the weights
+
+
+def _initial(assets, out):
+    config = load_config(None, [a for a in _args(assets, out, *EQUIV) if a != "-q"])
+    torch.manual_seed(config.seed)
+    return {f"student.{k}": v for k, v in build_student(config).state_dict().items()}
+
+
+RESUME = ["objective.dinov2=1.0", "dinov2.centering=centering", "train.iterations=6", "train.batch_size=6",
+          "train.checkpoint_every=3"]
+
+
+def test_stop_and_resume_equals_uninterrupted(assets):
+    straight = assets["root"] / "straight"
+    assert main(_args(assets, straight, *RESUME)) == 0
+    broken = assets["root"] / "broken"
+    assert main(_args(assets, broken, *RESUME, "train.max_run_steps=2")) == 0  # a job-time limit, mid-interval
+    assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == ["step_00000002.pt"]
+    assert not (broken / "export").exists()
+    assert main(_args(assets, broken, *RESUME)) == 0
+    a, b = _state(straight / "checkpoints" / "step_00000006.pt"), _state(broken / "checkpoints" / "step_00000006.pt")
+    for part in ("trainable", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+    assert torch.equal(a["centers"]["dino_center"]["center"], b["centers"]["dino_center"]["center"])
+    assert a["centers"]["dino_center"]["center"].abs().sum() > 0
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(state_a[i]["exp_avg"], state_b[i]["exp_avg"]) for i in state_a)
+    exported = h0mini.load_model(broken / "export")
+    assert all(torch.equal(v, a["ema"][k]) for k, v in exported.state_dict().items())
+
+
+def test_teacher_heads_from_a_checkpoint(assets):
+    heads = assets["root"] / "heads.safetensors"
+    torch.manual_seed(5)
+    head = DINOHead(48, 128, hidden_dim=40, bottleneck_dim=16, nlayers=2)
+    save_file({f"dino_head.{k}": v.contiguous() for k, v in head.state_dict().items()}, str(heads))
+    out = assets["root"] / "with_heads"
+    extra = ["objective.dinov2=1.0", "objective.feature=0", f"teacher.heads={heads}", "train.iterations=2",
+             "train.batch_size=4"]
+    assert main(_args(assets, out, *extra)) == 0
+    saved = _state(out / "checkpoints" / "step_00000002.pt")["teacher_heads"]["dino_head"]
+    assert all(torch.equal(saved[k], v) for k, v in head.state_dict().items())  # loaded, and frozen
+    assert "checkpoint" in (out / "export" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("extra, field", [
+    (["crops.global_size=50"], "crops.global_size"),
+    (["crops.local_size=30"], "crops.local_size"),
+    (["data.sources=[/nonexistent/tiles]"], "data.sources"),
+    (["objective.dinov2=1", "teacher.missing_heads=error"], "teacher.heads"),
+    (["objective.dinov2=1", "dinov2.n_prototypes=64", "teacher.heads=HEADS"], "dinov2.n_prototypes"),
+    (["objective.dinov2=1", "train.batch_size=1"], "train.batch_size"),  # KoLeo needs 2 tiles per rank
+])
+def test_bad_config_fails_before_training_naming_the_field(assets, extra, field, capsys):
+    heads = assets["root"] / "heads64.safetensors"
+    if not heads.exists():
+        head = DINOHead(48, 128, hidden_dim=40, bottleneck_dim=16, nlayers=2)
+        save_file({f"dino_head.{k}": v.contiguous() for k, v in head.state_dict().items()}, str(heads))
+    out = assets["root"] / f"bad_{field}"
+    extra = [e.replace("HEADS", str(heads)) for e in extra]
+    args = _args(assets, out, "train.iterations=1", "train.batch_size=4", *extra)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"'{field}'" in err, err
+    assert not (out / "checkpoints").exists()
+
+
+def test_import_h0mini_does_not_import_distill():
+    code = "import sys, h0mini; print(any(m.startswith('h0mini.distill') for m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+class _SignallingTeacher(torch.nn.Module):
+    """A user's nn.Module teacher that sends this process SIGTERM during its n-th forward (a preemption)."""
+
+    def __init__(self, inner: torch.nn.Module, at_call: int):
+        super().__init__()
+        self.inner, self.at_call, self.calls = inner, at_call, 0
+        self.patch_embed, self.num_prefix_tokens, self.embed_dim = inner.patch_embed, inner.num_prefix_tokens, inner.embed_dim
+
+    def forward_features(self, x):
+        self.calls += 1
+        if self.calls == self.at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.inner.forward_features(x)
+
+
+def test_sigterm_checkpoints_after_the_step_and_stops(assets):
+    from h0mini.distill.train import train
+
+    out = assets["root"] / "sigterm"
+    config = load_config(None, [a for a in _args(assets, out, "train.iterations=6", "train.batch_size=4",
+                                                 "train.checkpoint_every=100") if a != "-q"])
+    before = signal.getsignal(signal.SIGTERM)
+    result = train(config, teacher=_SignallingTeacher(h0mini.load_model(assets["teacher"]), at_call=2))
+    assert result.interrupted and not result.finished and result.step == 2
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002.pt"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
