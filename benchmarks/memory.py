@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import resource
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import machine, make_model, print_table
+from common import machine, make_model, print_table, write_tiles
 from h0mini.embed import TileEmbedder, resolve_device
 
 
@@ -39,6 +41,8 @@ def main(argv=None) -> list:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model", default="h0mini_test")
     parser.add_argument("--tiles", type=int, default=100_000)
+    parser.add_argument("--source", choices=("generator", "files"), default="generator",
+                        help="in-memory tiles from a generator (thread), or PNG paths (DataLoader workers)")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -49,7 +53,13 @@ def main(argv=None) -> list:
     rows, done, kept = [], 0, []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for batch in embedder.iter_batches(tile.copy() for _ in range(count)):
+    if args.source == "files":
+        folder = Path(tempfile.mkdtemp())
+        files = write_tiles(folder, 64)
+        tiles = [files[i % len(files)] for i in range(count)]  # paths cycle over 64 real tiles
+    else:
+        tiles = (tile.copy() for _ in range(count))
+    for batch in embedder.iter_batches(tiles):
         done += len(batch.indices)
         kept.append(batch.features["cls"].numpy())
         if checkpoints and done >= checkpoints[0]:
@@ -60,7 +70,8 @@ def main(argv=None) -> list:
                 row["peak CUDA MiB"] = torch.cuda.max_memory_allocated(device) / 2**20
             rows.append(row)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print_table(f"Memory while streaming ({args.model}), {machine()}; peak RSS {peak:.0f} MiB", rows)
+    print_table(f"Memory while streaming {count} tiles from {args.source} ({args.model}), {machine()}; "
+                f"peak RSS {peak:.0f} MiB", rows)
     return rows
 
 

@@ -16,28 +16,14 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import timm
-import torch
-
 import h0mini
 from h0mini import viz
+from h0mini.testing import random_model
 
 HERE = Path(__file__).resolve().parent
 TILES = [HERE / "tiles" / f"{name}.png" for name in
          ("cmu1_x0896_y0448", "cmu1_x1120_y0896", "cmu1_x1120_y2240", "cmu1_x1344_y1344")]
 DEFAULT_OUTPUT = HERE.parent / "docs" / "images" / "patch_features.png"
-
-
-def tiny_random_model(seed: int = 0) -> torch.nn.Module:
-    """``h0mini_test`` with random weights; LayerScale gammas drawn in [0.05, 0.5] so the blocks do something."""
-    torch.manual_seed(seed)
-    model = timm.create_model("h0mini_test").eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".gamma"):
-                param.copy_(torch.empty(param.shape).uniform_(0.05, 0.5, generator=generator))
-    return model
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -49,7 +35,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = h0mini.load_model(args.weights)
         label = f"{model.h0mini_weights.arch} weights from {Path(str(model.h0mini_weights.source)).name}"
     else:
-        model = tiny_random_model()
+        model = random_model("h0mini_test")
         label = "tiny random test model h0mini_test (not H0-mini's weights)"
     tokens = h0mini.embed_tiles(TILES, model, output="patch_tokens", precision="fp32", progress=False)
     figure = viz.plot_patch_features(TILES, tokens, ncols=4, panel_size=1.8)

@@ -285,7 +285,8 @@ class TileEmbedder:
                     "use a timm ViT (forward_features) or a model with global_pool=''"
                 )
             pooled = pool_tokens(tokens.float(), self.num_prefix_tokens, self.output)
-        return {name: value.cpu() for name, value in pooled.items()}
+        # A copy, never a view: a view of the CLS row would keep the whole token tensor alive.
+        return {name: value.to("cpu", copy=True) for name, value in pooled.items()}
 
 
 def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, output: str) -> Dict[str, torch.Tensor]:

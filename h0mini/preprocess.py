@@ -104,6 +104,11 @@ class Preprocessing:
         if array.ndim != 3 or array.shape[2] not in (3, 4):
             raise InvalidTileError(f"an array tile must be (H, W, 3) RGB, got shape {array.shape}")
         if array.dtype == np.uint8:
+            if array.shape[2] == 3 and (self.size is None or array.shape[:2] == (self.size, self.size)):
+                if self.size is None:
+                    self._check_native(array.shape[0], array.shape[1])
+                # Already RGB at the right size: no PIL round trip (torch.from_numpy needs it writable).
+                return array if array.flags.writeable and array.flags.c_contiguous else np.array(array)
             mode = "RGBA" if array.shape[2] == 4 else "RGB"
             return self._prepare_pil(to_rgb(Image.fromarray(np.ascontiguousarray(array), mode)))
         if np.issubdtype(array.dtype, np.floating):

@@ -7,31 +7,20 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
-import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
 import h0mini  # noqa: F401  (registers the architectures)
+from h0mini.testing import random_model, trained_like  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_TILES = sorted((ROOT / "examples" / "tiles").glob("*.png"))
 SLIDE = ROOT / "examples" / "data" / "CMU-1-Small-Region.svs"
 
 
-def trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give LayerScale gammas trained-like magnitudes: at init (1e-5) every block is nearly the identity."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".gamma"):
-                param.copy_(torch.empty(param.shape).uniform_(0.05, 0.5, generator=generator))
-    return model
-
-
 def make_model(arch: str = "h0mini_test", seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return trained_like(timm.create_model(arch), seed).eval()
+    return random_model(arch, seed)
 
 
 def hub_config(arch: str, model: torch.nn.Module) -> Dict:

@@ -152,6 +152,14 @@ def test_a_generator_is_streamed_not_collected(tiny):
     assert seen == 3000
 
 
+def test_results_do_not_hold_the_token_tensors(tiny):
+    """Each row owns its memory: a view of the CLS token would pin all 261 tokens per tile."""
+    embedder = TileEmbedder(tiny, output="cls", batch_size=4)
+    batch = next(embedder.iter_batches([np.zeros((224, 224, 3), np.uint8)] * 4))
+    cls = batch.features["cls"]
+    assert cls.untyped_storage().nbytes() == cls.numel() * cls.element_size()
+
+
 # -- outputs ----------------------------------------------------------------------------------------
 
 
