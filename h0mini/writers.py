@@ -48,6 +48,8 @@ def check_format(path: Path, output: str) -> None:
         raise ValueError(f"output={output!r} holds several arrays: write it to .h5 or .pt, not {suffix}")
     if output == "patch_tokens" and suffix == ".parquet":
         raise ValueError("patch tokens are 3-D: write them to .h5, .npy or .pt, not .parquet")
+    if suffix == ".parquet":
+        _pyarrow()  # a missing optional package fails now, not after the embedding
 
 
 @contextmanager

@@ -24,7 +24,7 @@ COMMANDS = ("card", "download", "embed", "robustness")
 def main_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="h0mini",
-        description="H0-mini pathology foundation model: download weights, embed tiles.",
+        description="H0-mini pathology foundation model: download weights, embed tiles, check robustness, write model cards.",
     )
     parser.add_argument("--version", action="version", version=f"h0mini {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
