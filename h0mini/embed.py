@@ -152,12 +152,12 @@ def embed_tiles(
         if parts:
             error.partial = _convert(_assemble(parts, output), dtype, return_tensors)  # type: ignore[attr-defined]
         raise
+    if source.single and skipped:  # one tile in and it was bad: there is nothing to return
+        raise InvalidTileError(skipped[0].reason, index=0, source=skipped[0].source)
     if skipped:
         warnings.warn(SkippedTilesWarning(skipped), stacklevel=2)
     result = _convert(_assemble(parts, output, empty_dim=embedder.output_shape()), dtype, return_tensors)
     if source.single:
-        if not parts:
-            raise InvalidTileError(skipped[0].reason, index=0, source=skipped[0].source)
         return {k: v[0] for k, v in result.items()} if isinstance(result, dict) else result[0]
     return result
 
@@ -188,6 +188,9 @@ class TileEmbedder:
         self._micro_batch = self.batch_size
         self.num_workers = num_workers
         self.preprocessing = Preprocessing.from_model(self.model, input_size)
+        parameter = next(self.model.parameters(), None)
+        # A model loaded in bf16/fp16 takes inputs of its own dtype when no autocast converts them.
+        self.weights_dtype = parameter.dtype if parameter is not None else torch.float32
         self._forward = _compiled(self.model) if compile else _features_fn(self.model)
 
     @property
@@ -208,7 +211,12 @@ class TileEmbedder:
     def iter_batches(self, source: Any, *, on_error: str = "raise") -> Iterator[EmbeddedBatch]:
         """Embed batch by batch; with ``on_error="raise"`` the first bad tile stops the run."""
         source = source if hasattr(source, "all_paths") else read_input(source)
-        for number, (indices, pixel_groups, skipped) in enumerate(self._prepared_batches(source), start=1):
+        batches = self._prepared_batches(source)
+        with contextlib.closing(batches):  # stops the prefetch thread or DataLoader workers on early exit
+            yield from self._embed_batches(batches, on_error)
+
+    def _embed_batches(self, batches: Iterator[tuple], on_error: str) -> Iterator[EmbeddedBatch]:
+        for number, (indices, pixel_groups, skipped) in enumerate(batches, start=1):
             if number % TRIM_EVERY == 0:
                 release_freed_memory()
             if skipped and on_error == "raise":
@@ -280,6 +288,8 @@ class TileEmbedder:
         )
         with torch.inference_mode(), autocast:
             x = self.preprocessing.normalize(pixels)
+            if self.autocast_dtype is None:
+                x = x.to(self.weights_dtype)
             tokens = self._forward(x)
             if tokens.ndim != 3:
                 raise ValueError(
@@ -470,24 +480,31 @@ _DONE = object()
 
 
 def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """Run ``iterator`` in a background thread, ``depth`` items ahead (decoding overlaps the forward)."""
+    """Run ``iterator`` in a background thread, ``depth`` items ahead (decoding overlaps the forward).
+
+    When the consumer stops early (an error, Ctrl-C, ``break``), the producer is told to stop,
+    the buffered batches are dropped and the thread is joined.
+    """
     buffer: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
     stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
             for item in iterator:
-                while not stop.is_set():
-                    try:
-                        buffer.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            buffer.put(_DONE)
+            put(_DONE)
         except BaseException as error:  # handed to the consumer, raised there
-            buffer.put(_Failure(error))
+            put(_Failure(error))
 
     thread = threading.Thread(target=produce, name="h0mini-prefetch", daemon=True)
     thread.start()
@@ -501,6 +518,12 @@ def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
+        while True:  # free the buffered batches (pinned memory on CUDA) now
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                break
+        thread.join(timeout=5)
 
 
 @dataclass
@@ -538,7 +561,12 @@ def _convert(result: Any, dtype: Any, return_tensors: bool) -> Any:
         return {k: _convert(v, dtype, return_tensors) for k, v in result.items()}
     if return_tensors:
         return result.to(_torch_dtype(dtype))
-    return result.numpy().astype(np.dtype(str(dtype).replace("torch.", "")), copy=False)
+    name = str(dtype).replace("torch.", "")
+    try:
+        numpy_dtype = np.dtype(name)
+    except TypeError:
+        raise ValueError(f"numpy has no dtype {name!r}: pass return_tensors=True for torch dtypes like bfloat16") from None
+    return result.numpy().astype(numpy_dtype, copy=False)
 
 
 def _torch_dtype(dtype: Any) -> torch.dtype:

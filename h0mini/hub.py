@@ -71,11 +71,11 @@ def resolve_checkpoint(
     local_files_only: Optional[bool] = None,
 ) -> Checkpoint:
     """Locate config and weights for ``weights`` (Hub id, folder or file), downloading if needed."""
+    if isinstance(weights, str) and weights.startswith("hf-hub:"):  # timm's spelling, as on the model card
+        weights = weights[len("hf-hub:"):]
     if is_local(weights):
         return _local_checkpoint(Path(str(weights)).expanduser())
     repo_id = str(weights)
-    if repo_id.startswith("hf-hub:"):
-        repo_id = repo_id[len("hf-hub:"):]
     return _hub_checkpoint(
         repo_id,
         revision=revision,
@@ -95,9 +95,13 @@ def download(
 ) -> Checkpoint:
     """Fetch config and weights now, pinned to one commit, for later offline use.
 
-    The revision is first resolved to a commit hash, so config and weights always
+    Into the Hub cache, the branch or tag is recorded as huggingface_hub records it
+    (``refs/<revision>``), so ``load_model(repo_id)`` later finds the files offline. Into
+    ``local_dir``, the revision is first resolved to a commit hash, so config and weights
     come from the same commit even if the branch moves during the download.
     """
+    if local_dir is None:
+        return _hub_checkpoint(repo_id, revision=revision, token=token, cache_dir=cache_dir, local_files_only=False)
     with _hub_errors(repo_id, revision, token=token):
         weights_name = SAFETENSORS_NAME
         try:

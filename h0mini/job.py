@@ -103,8 +103,13 @@ def embed_to_file(
                     {"index": position[s.source], "path": s.source, "reason": s.reason} for s in batch.skipped
                 )
                 bar.update(len(batch.indices) + len(batch.skipped))
-    except BaseException:
+    except InvalidTileError as error:
         parts.flush()  # keep what was done: a rerun resumes from here
+        if error.source in position:  # name the tile by its place in the user's input, not in this run's
+            raise InvalidTileError(error.reason, index=position[error.source], source=error.source) from None
+        raise
+    except BaseException:
+        parts.flush()
         raise
     parts.flush()
     done.update(parts.load())
@@ -136,11 +141,12 @@ def job_settings(embedder: TileEmbedder) -> Dict[str, Any]:
         **(weights.as_dict() if weights is not None else {"weights": "in-memory model"}),
         "output": embedder.output,
         "precision": embedder.precision,
+        "weights_dtype": str(embedder.weights_dtype).replace("torch.", ""),
         "preprocessing": embedder.preprocessing.describe(),
     }
 
 
-_SAME_NUMBERS = ("weights_sha256", "arch", "output", "precision", "preprocessing")
+_SAME_NUMBERS = ("weights_sha256", "arch", "output", "precision", "weights_dtype", "preprocessing")
 
 
 def _same_numbers(a: Dict[str, Any], b: Dict[str, Any]) -> bool:

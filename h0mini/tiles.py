@@ -59,11 +59,11 @@ def read_input(tiles: Any) -> TileInput:
     if isinstance(tiles, (Image.Image,)):
         return TileInput([tiles], single=True, length=1, all_paths=False)
     if isinstance(tiles, np.ndarray):
-        if tiles.ndim == 3:
+        if tiles.ndim in (2, 3):  # (H, W) grayscale or (H, W, C)
             return TileInput([tiles], single=True, length=1, all_paths=False)
         if tiles.ndim == 4:
             return TileInput(list(tiles), single=False, length=len(tiles), all_paths=False)
-        raise InvalidTileError(f"a numpy array of tiles must be (H, W, 3) or (N, H, W, 3), got shape {tiles.shape}")
+        raise InvalidTileError(f"a numpy array of tiles must be (H, W, 3), (H, W) or (N, H, W, 3), got shape {tiles.shape}")
     if isinstance(tiles, torch.Tensor):
         if tiles.ndim == 3:
             return TileInput([tiles], single=True, length=1, all_paths=False)

@@ -70,12 +70,14 @@ def write_embeddings(path: Path, embeddings: Embeddings) -> None:
     path = Path(path)
     suffix = path.suffix.lower()
     writer = {".h5": _write_h5, ".hdf5": _write_h5, ".npy": _write_npy, ".pt": _write_pt, ".parquet": _write_parquet}
-    if suffix == ".npy":
-        # The sidecar first: a complete .npy never lacks its names and provenance.
-        with atomic_path(sidecar(path)) as tmp:
-            tmp.write_text(json.dumps(_metadata(embeddings), indent=1))
     with atomic_path(path) as tmp:
         writer[suffix](tmp, embeddings)
+        if suffix == ".npy":
+            # The sidecar names the exact .npy it describes (sha256): a run killed between the two
+            # renames leaves a pair that reading rejects, never rows under the wrong names.
+            metadata = dict(_metadata(embeddings), npy_sha256=_sha256(tmp))
+            with atomic_path(sidecar(path)) as meta_tmp:
+                meta_tmp.write_text(json.dumps(metadata, indent=1))
 
 
 def read_embeddings(path: Path) -> Embeddings:
@@ -84,7 +86,17 @@ def read_embeddings(path: Path) -> Embeddings:
     reader = {".h5": _read_h5, ".hdf5": _read_h5, ".npy": _read_npy, ".pt": _read_pt, ".parquet": _read_parquet}
     if suffix not in reader:
         raise ValueError(f"unknown embedding file format {suffix!r}: {str(path)!r}")
-    return reader[suffix](path)
+    embeddings = reader[suffix](path)
+    for name, array in embeddings.arrays.items():
+        if len(array) != len(embeddings.tile_names):
+            raise ValueError(f"{str(path)!r}: {name!r} has {len(array)} rows for {len(embeddings.tile_names)} tile names")
+    return embeddings
+
+
+def _sha256(path: Path) -> str:
+    from .model import file_sha256
+
+    return file_sha256(path)
 
 
 def sidecar(path: Path) -> Path:
@@ -140,6 +152,8 @@ def _write_npy(tmp: Path, embeddings: Embeddings) -> None:
 
 def _read_npy(path: Path) -> Embeddings:
     meta = json.loads(sidecar(path).read_text())
+    if meta.get("npy_sha256") != _sha256(path):
+        raise ValueError(f"{str(sidecar(path))!r} does not describe {str(path)!r} (an interrupted write?)")
     coords = np.asarray(meta["coords"], dtype=np.int64) if meta.get("coords") is not None else None
     return Embeddings({"features": np.load(path)}, meta["tile_names"], coords, meta["provenance"], meta["skipped"])
 
@@ -199,7 +213,8 @@ def _read_parquet(path: Path) -> Embeddings:
     _, pq = _pyarrow()
     table = pq.read_table(path)
     meta = table.schema.metadata or {}
-    features = np.asarray(table.column("features").combine_chunks().flatten()).reshape(table.num_rows, -1)
+    width = table.schema.field("features").type.list_size
+    features = np.asarray(table.column("features").combine_chunks().flatten()).reshape(table.num_rows, width)
     coords = (
         np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], 1).astype(np.int64)
         if "x" in table.column_names

@@ -175,3 +175,50 @@ def test_unreachable_hub_ends_with_the_offline_message(tiles, tmp_path, capsys, 
     assert embed(tiles, "-o", tmp_path / "f.h5") == 1
     err = capsys.readouterr().err
     assert err.startswith("error: The weights of 'bioptimus/H0-mini'") and "h0mini download" in err
+
+
+# -- edge cases found in review ---------------------------------------------------------------------
+
+
+def test_an_npy_that_does_not_match_its_sidecar_is_never_read_as_complete(checkpoint, tiles, tmp_path, capsys):
+    out = tmp_path / "features.npy"
+    assert embed(tiles, "-o", out, "--weights", checkpoint, "--output-mode", "cls") == 0
+    np.save(out, np.zeros((7, 48), np.float32))  # as if killed between the two renames
+    with pytest.raises(ValueError, match="does not describe"):
+        read_embeddings(out)
+    assert embed(tiles, "-o", out, "--weights", checkpoint, "--output-mode", "cls") == 0
+    assert "7 embedded" in capsys.readouterr().out
+    assert np.abs(read_embeddings(out).arrays["features"]).max() > 0
+
+
+def test_an_empty_parquet_reads_back(checkpoint, tmp_path):
+    from h0mini.writers import Embeddings, write_embeddings
+
+    out = tmp_path / "empty.parquet"
+    write_embeddings(out, Embeddings({"features": np.zeros((0, 96), np.float32)}, [], None, {"output": "cls+mean"}))
+    assert read_embeddings(out).arrays["features"].shape == (0, 96)
+
+
+def test_a_bad_tile_found_on_resume_is_named_by_its_input_position(checkpoint, tiles, tmp_path, capsys):
+    out = tmp_path / "features.h5"
+    paths = sorted(tiles.glob("*.png"))
+    assert embed(*paths[:3], "-o", out, "--weights", checkpoint) == 0
+    paths[4].write_bytes(b"broken")
+    assert embed(*paths, "-o", out, "--weights", checkpoint) == 1
+    assert f"tile 4 '{paths[4]}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["--input-size", "100"], ["--device", "foo"], ["--batch-size", "0"],
+                                    ["--num-workers", "-1"], ["--input-size", "big"]])
+def test_bad_options_are_usage_errors(checkpoint, tiles, tmp_path, option):
+    with pytest.raises(SystemExit) as info:
+        embed(tiles, "-o", tmp_path / "f.h5", "--weights", checkpoint, *option)
+    assert info.value.code == 2
+
+
+def test_an_unwritable_output_is_a_one_line_error(checkpoint, tiles, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert embed(tiles, "-o", blocker / "f.h5", "--weights", checkpoint) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1

@@ -311,3 +311,55 @@ def test_gpu_half_precision_parity(pil_tiles, precision):
     fp32 = h0mini.embed_tiles(pil_tiles, model, device="cuda", precision="fp32")
     half = h0mini.embed_tiles(pil_tiles, model, device="cuda", precision=precision)
     assert cosine(fp32, half).min() > 0.999
+
+
+# -- edge cases found in review ---------------------------------------------------------------------
+
+
+def test_crop_pct_below_one_resizes_even_224_px_tiles_as_the_model_card(pil_tiles):
+    """timm resizes to floor(224 / crop_pct) then crops: never the identity when crop_pct < 1."""
+    from h0mini.testing import random_model
+
+    model = random_model(pretrained_cfg_overlay=dict(crop_pct=0.875))
+    expected = model_card(model, pil_tiles[:2])
+    for tiles in (pil_tiles[:2], np.stack([np.asarray(t) for t in pil_tiles[:2]])):
+        got = h0mini.embed_tiles(tiles, model, precision="fp32")
+        assert np.abs(got - expected).max() < 1e-5
+
+
+def test_single_bad_tile_with_skip_raises_a_named_error(tiny):
+    with pytest.raises(InvalidTileError, match="tile 0"):
+        h0mini.embed_tiles(np.zeros((224, 224, 5), np.uint8), tiny, on_error="skip")
+
+
+def test_a_single_grayscale_array_is_one_tile(tiny, pil_tiles):
+    gray = np.asarray(pil_tiles[0].convert("L"))
+    np.testing.assert_allclose(
+        h0mini.embed_tiles(gray, tiny, precision="fp32"),
+        h0mini.embed_tiles(pil_tiles[0].convert("L"), tiny, precision="fp32"),
+        atol=1e-5,
+    )
+
+
+def test_a_model_loaded_in_bf16_runs_without_autocast(tiny, pil_tiles):
+    import copy
+
+    bf16 = copy.deepcopy(tiny).to(torch.bfloat16)
+    got = h0mini.embed_tiles(pil_tiles, bf16, precision="fp32")
+    assert cosine(got, h0mini.embed_tiles(pil_tiles, tiny, precision="fp32")).min() > 0.99
+
+
+def test_stopping_early_stops_the_prefetch_thread(tiny):
+    import threading
+
+    embedder = TileEmbedder(tiny, output="cls", batch_size=2)
+    batches = embedder.iter_batches(np.zeros((224, 224, 3), np.uint8) for _ in range(40))
+    next(batches)
+    batches.close()
+    assert not [t for t in threading.enumerate() if t.name == "h0mini-prefetch"]
+
+
+def test_numpy_has_no_bfloat16_and_says_so(tiny, pil_tiles):
+    with pytest.raises(ValueError, match="return_tensors=True"):
+        h0mini.embed_tiles(pil_tiles[0], tiny, dtype=torch.bfloat16)
+    assert h0mini.embed_tiles(pil_tiles[0], tiny, dtype=torch.bfloat16, return_tensors=True).dtype == torch.bfloat16

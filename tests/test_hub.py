@@ -251,6 +251,20 @@ def test_download_command_prints_commit_and_sha256_then_the_folder_loads(hub, tm
     assert same_outputs(h0mini.load_model(tmp_path / "local"), tiny_folder[1])
 
 
+def test_download_into_the_cache_then_load_offline(hub, tiny_folder, monkeypatch, capsys):
+    """The documented offline workflow: `h0mini download`, then HF_HUB_OFFLINE=1 on the same cache."""
+    assert cli_main(["download", REPO]) == 0
+    assert cli_main(["download", REPO, "--revision", "v1"]) == 0
+    from huggingface_hub import constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    hub.requests.clear()
+    assert same_outputs(h0mini.load_model(REPO), tiny_folder[1])
+    assert h0mini.load_model(REPO, revision="v1").h0mini_weights.revision == "b" * 40
+    assert h0mini.load_model("hf-hub:" + REPO).h0mini_weights.repo_id == REPO  # the model card's spelling
+    assert hub.requests == []
+
+
 def test_download_command_reports_gated_access_in_one_line(hub, capsys):
     assert cli_main(["download"]) == 1
     err = capsys.readouterr().err

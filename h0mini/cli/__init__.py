@@ -48,6 +48,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 1
+    except OSError as error:  # an output folder that cannot be written, a disk that is full
+        if debug:
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -76,7 +81,10 @@ def add_weights_arguments(parser: argparse.ArgumentParser, *, default_help: str 
     group = parser.add_argument_group("weights")
     group.add_argument("--weights", default=None, help=f"Hub repo id, local folder or weights file (default: {default_help})")
     group.add_argument("--revision", default=None, help="branch, tag or commit of the Hub repo")
-    group.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN or the stored login)")
+    group.add_argument(
+        "--token", default=None,
+        help="Hugging Face token (default: HF_TOKEN or the stored login; prefer HF_TOKEN: arguments show in ps)",
+    )
     group.add_argument("--cache-dir", default=None, help="Hub cache folder (default: HF_HUB_CACHE)")
     group.add_argument("--offline", action="store_true", help="use only cached or local files")
 

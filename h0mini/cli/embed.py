@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..embed import OUTPUTS, TileEmbedder
+from ..embed import OUTPUTS, TileEmbedder, resolve_device
 from ..job import embed_to_file, gather_tiles
 from ..model import load_model
 from ..writers import FORMATS, check_format
@@ -41,12 +41,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
-    try:
+    try:  # every usage error before the model loads
         check_format(output, args.output_mode)
         input_size = _input_size(args.input_size)
         num_workers = args.num_workers if args.num_workers == "auto" else int(args.num_workers)
-    except ValueError as error:
-        args.parser.error(str(error))
+        if num_workers != "auto" and num_workers < 0:
+            raise ValueError(f"--num-workers must be 'auto' or >= 0, got {num_workers}")
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.save_every < 1:
+            raise ValueError(f"--save-every must be >= 1, got {args.save_every}")
+        resolve_device(args.device)
+    except (ValueError, RuntimeError) as error:
+        args.parser.error(str(error).splitlines()[0])
     tiles = gather_tiles(args.inputs)  # bad paths fail before the model loads
     model = load_model(
         args.weights,
@@ -55,7 +62,20 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         local_files_only=True if args.offline else None,
     )
-    embedder = TileEmbedder(
+    try:
+        embedder = _embedder(model, args, num_workers, input_size)
+    except ValueError as error:  # e.g. an input size that is not a multiple of this model's patch size
+        args.parser.error(str(error))
+    result = embed_to_file(tiles, output, embedder, on_error=args.on_error, part_size=args.save_every)
+    for item in result.skipped:
+        print(f"skipped tile {item['index']} ({item['path']}): {item['reason']}", file=sys.stderr)
+    reused = f", {result.reused} reused from an earlier run" if result.reused else ""
+    print(f"{output}: {result.embedded + result.reused} tiles ({result.embedded} embedded{reused}, {len(result.skipped)} skipped)")
+    return 0
+
+
+def _embedder(model, args: argparse.Namespace, num_workers, input_size) -> TileEmbedder:
+    return TileEmbedder(
         model,
         output=args.output_mode,
         batch_size=args.batch_size,
@@ -65,15 +85,12 @@ def run(args: argparse.Namespace) -> int:
         input_size=input_size,
         compile=args.compile,
     )
-    result = embed_to_file(tiles, output, embedder, on_error=args.on_error, part_size=args.save_every)
-    for item in result.skipped:
-        print(f"skipped tile {item['index']} ({item['path']}): {item['reason']}", file=sys.stderr)
-    reused = f", {result.reused} reused from an earlier run" if result.reused else ""
-    print(f"{output}: {result.embedded + result.reused} tiles ({result.embedded} embedded{reused}, {len(result.skipped)} skipped)")
-    return 0
 
 
 def _input_size(value):
     if value is None or value == "native":
         return value
-    return int(value)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--input-size must be an integer or 'native', got {value!r}") from None
