@@ -363,3 +363,16 @@ def test_numpy_has_no_bfloat16_and_says_so(tiny, pil_tiles):
     with pytest.raises(ValueError, match="return_tensors=True"):
         h0mini.embed_tiles(pil_tiles[0], tiny, dtype=torch.bfloat16)
     assert h0mini.embed_tiles(pil_tiles[0], tiny, dtype=torch.bfloat16, return_tensors=True).dtype == torch.bfloat16
+
+
+def test_a_torch_dataset_is_decoded_by_dataloader_workers_in_order(tiny, pil_tiles):
+    class Tiles(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return np.asarray(pil_tiles[i % 5]), i
+
+    reference = h0mini.embed_tiles(pil_tiles, tiny, precision="fp32")
+    got = h0mini.embed_tiles(Tiles(), tiny, precision="fp32", batch_size=3, num_workers=2)
+    np.testing.assert_allclose(got, np.concatenate([reference, reference]), atol=1e-5)
