@@ -61,12 +61,12 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3, warm
     return best
 
 
-def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
-    """Dense matmul throughput: the ceiling model FLOP utilisation is compared with."""
+def matmul_runner(device: torch.device, dtype: torch.dtype, n: int = 4096) -> Callable[[], torch.Tensor]:
+    """One dense n x n matmul (2 n^3 FLOP): the ceiling model FLOP utilisation is compared with."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = timed(lambda: a @ b, device, repeats=repeats)
-    return 2 * n**3 / seconds / 1e9
+    return lambda: a @ b
+
 
 
 def write_tiles(folder: Path, count: int, size: int = 224, fmt: str = "png") -> List[Path]:
@@ -105,5 +105,7 @@ def print_table(title: str, rows: Sequence[Dict[str, object]]) -> None:
 
 def _fmt(value: object) -> str:
     if isinstance(value, float):
+        if 0.999 <= abs(value) < 1:
+            return f"{value:.6f}"  # cosines near 1: four decimals would round them to 1.0000
         return f"{value:.4f}" if abs(value) < 1 else f"{value:.1f}"
     return "" if value is None else str(value)

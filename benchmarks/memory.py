@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from common import machine, make_model, print_table, write_tiles
-from h0mini.embed import TileEmbedder, resolve_device
+from h0mini.embed import TileEmbedder
+from h0mini.runtime import resolve_device
 
 
 def rss_mib() -> float:

@@ -12,7 +12,7 @@ import numpy as np
 
 import h0mini
 from common import cosine, machine, model_for, print_table, slide_tiles
-from h0mini.embed import resolve_device
+from h0mini.runtime import resolve_device
 
 
 def main(argv=None) -> list:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import warnings
 
 import numpy as np
 import pytest
@@ -12,7 +10,8 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 import h0mini
-from h0mini.embed import TileEmbedder, cpu_has_fast_bf16, resolve_precision
+from h0mini.embed import TileEmbedder
+from h0mini.runtime import cpu_has_fast_bf16, resolve_precision
 from h0mini.errors import InvalidTileError
 from helpers import EXAMPLE_TILES, make_model, slide_tiles, write_checkpoint
 

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..embed import OUTPUTS, TileEmbedder, resolve_device
+from ..embed import OUTPUTS, TileEmbedder
+from ..runtime import resolve_device
 from ..job import embed_to_file, gather_tiles
 from ..model import load_model
 from ..writers import FORMATS, check_format
@@ -29,11 +30,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output-mode", default="cls+mean", choices=OUTPUTS, help="what to store (default: cls+mean)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1... (default: auto)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 8 on CPU")
     parser.add_argument("--num-workers", default="auto", help="decoding worker processes (default: auto)")
     parser.add_argument("--input-size", default=None, help="224 (default: the model's), another multiple of 14, or native")
     parser.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="on a bad tile: stop, or skip and report it")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (large jobs on GPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model: the first batch waits for compilation (15-30 s on CPU), later ones run faster")
     parser.add_argument("--save-every", type=int, default=1024, metavar="N", help="save progress every N tiles (default: 1024)")
     add_weights_arguments(parser)
     parser.set_defaults(run=run, parser=parser)

@@ -54,6 +54,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 import torch
 
+from .. import runtime
 from ..errors import EvaluationInputError, OptionalDependencyError
 
 logger = logging.getLogger(__name__)
@@ -141,12 +142,8 @@ def _as_matrix(x: ArrayLike, name: str, field: str = "features") -> np.ndarray:
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """``None`` is the CPU; ``"auto"`` is CUDA when available, else the CPU."""
-    if device is None:
-        return torch.device("cpu")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``None`` is the CPU (metrics are cheap); otherwise as everywhere in h0mini (``"auto"``, ``"cuda:1"``...)."""
+    return torch.device("cpu") if device is None else runtime.resolve_device(device)
 
 
 def _check_finite(array: np.ndarray, name: str, what: str) -> None:

@@ -1,0 +1,178 @@
+"""How the model runs fastest on a device: device and precision choice, attention kernel, torch.compile.
+
+Every choice here is measured (README, "Performance"; ``benchmarks/``). On CPUs with native
+bf16, timm's explicit attention (``q @ k.T``, softmax, ``@ v``) beats PyTorch's fused CPU
+attention kernel in bf16 by about 10% of the whole forward pass at batch 8, while the fused
+kernel stays faster in fp32 and on GPUs. ``torch.compile`` on CPU freezes the weights, which
+lets oneDNN pre-pack them (about 20% more on top); frozen weights are constants of the
+compiled graph, so a change to the weights is detected and triggers a fresh compilation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+import weakref
+from typing import Callable, Iterator, Optional, Tuple, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "float32": None, "fp16": torch.float16, "float16": torch.float16,
+              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available; use device='cpu'")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Native bf16 matrix units (AVX512-BF16 or AMX): where bf16 autocast about triples CPU throughput."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``precision`` on ``device``; ``None`` means fp32 (no autocast)."""
+    key = str(precision).lower()
+    if key == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
+    if key not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto', 'fp32', 'fp16' or 'bf16', got {precision!r}")
+    dtype = PRECISIONS[key]
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16 support; use precision='fp16'")
+    return dtype
+
+
+def prefers_explicit_attention(device: torch.device, compute_dtype: Optional[torch.dtype]) -> bool:
+    """Where timm's explicit attention beats the fused SDPA kernel (measured: bf16 on CPU only)."""
+    return device.type == "cpu" and compute_dtype is torch.bfloat16
+
+
+class ModelForward:
+    """``model.forward_features`` in its fastest measured form for one device and compute dtype.
+
+    Callable on a normalised ``(B, 3, H, W)`` batch; returns the token tensor. With
+    ``compile=True`` a batch smaller than ``pad_to`` is padded so that the compiled graph
+    (static shapes) is reused instead of recompiled for the last, shorter batch.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, compute_dtype: Optional[torch.dtype],
+                 compile: bool = False):
+        self.model = model
+        self.explicit_attention = prefers_explicit_attention(device, compute_dtype)
+        self._attention = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+        self.compiled = _CompiledFeatures(model, freeze=device.type == "cpu") if compile else None
+
+    def __call__(self, x: torch.Tensor, pad_to: Optional[int] = None) -> torch.Tensor:
+        with self._attention_kernel():
+            if self.compiled is None:
+                return features_fn(self.model)(x)
+            count = x.shape[0]
+            if pad_to is not None and count < pad_to:
+                x = torch.cat([x, x.new_zeros((pad_to - count, *x.shape[1:]))])
+            tokens = self.compiled(x)
+            if self.compiled.failed:
+                self.compiled = None
+            return tokens[:count]
+
+    @contextlib.contextmanager
+    def _attention_kernel(self) -> Iterator[None]:
+        """Switch timm attention blocks to the explicit path for this call only: the model stays the user's."""
+        if not self.explicit_attention or not self._attention:
+            yield
+            return
+        saved = [m.fused_attn for m in self._attention]
+        for module in self._attention:
+            module.fused_attn = False
+        try:
+            yield
+        finally:
+            for module, fused in zip(self._attention, saved):
+                module.fused_attn = fused
+
+
+def features_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return model.forward_features if hasattr(model, "forward_features") else model
+
+
+_WeightsState = Tuple[Tuple[int, int], ...]
+
+
+def _weights_state(model: torch.nn.Module) -> _WeightsState:
+    """Storage and in-place version of every parameter and buffer: changes whenever a weight does."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+class _CompiledFeatures:
+    """``torch.compile`` of the features function; on CPU with frozen weights, refreshed when they change.
+
+    Dynamo caches compiled graphs per model across wrappers, so embedders of one model share
+    one compilation. With frozen weights that cache would silently keep old weights after an
+    in-place update (fine-tuning between calls): the weights' state is remembered per model
+    and a change resets dynamo before the next call. A compiler failure (no C++ compiler,
+    unsupported op) is a warning and the forward pass falls back to eager mode: a speed
+    option never stops a job.
+    """
+
+    def __init__(self, model: torch.nn.Module, freeze: bool):
+        self.model = model
+        self.freeze = freeze
+        self.failed = False
+        self._fn = torch.compile(features_fn(model), dynamic=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.failed:
+            return features_fn(self.model)(x)
+        if self.freeze:
+            frozen = _FROZEN_WEIGHTS.get(self.model)
+            if frozen is not None and frozen != _weights_state(self.model):
+                logger.info("model weights changed since torch.compile froze them: compiling again")
+                torch._dynamo.reset()  # the frozen constants live in dynamo's cache
+                self._fn = torch.compile(features_fn(self.model), dynamic=False)
+        try:
+            with self._freezing():
+                tokens = self._fn(x)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, say why
+            if not _is_compiler_error(error):
+                raise
+            self.failed = True
+            warnings.warn(
+                f"torch.compile failed on this machine ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                "continuing without compile. On CPU, torch.compile needs a C++ compiler (gcc or clang).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return features_fn(self.model)(x)
+        if self.freeze:
+            _FROZEN_WEIGHTS[self.model] = _weights_state(self.model)
+        return tokens
+
+    def _freezing(self) -> contextlib.AbstractContextManager:
+        if not self.freeze:
+            return contextlib.nullcontext()
+        import torch._inductor.config as inductor_config
+
+        # Set around every call, not through torch.compile(options=...), which does not
+        # reach inductor's freezing pass in torch 2.14 (measured: no speed-up that way).
+        return inductor_config.patch(freezing=True)
+
+
+# The weights each model had when torch.compile last froze them (values hold no reference to the model).
+_FROZEN_WEIGHTS: "weakref.WeakKeyDictionary[torch.nn.Module, _WeightsState]" = weakref.WeakKeyDictionary()
+
+
+def _is_compiler_error(error: Exception) -> bool:
+    module = type(error).__module__
+    return module.startswith(("torch._dynamo", "torch._inductor")) or "compile" in type(error).__name__.lower()
