@@ -9,6 +9,7 @@ size (1.0: the model never waits for data).
     python benchmarks/end_to_end.py --tiles 64
     python benchmarks/end_to_end.py --compile       # steady state: the warm-up run compiles
     python benchmarks/end_to_end.py --device cuda --tiles 2048
+    python benchmarks/end_to_end.py --device cuda --formats jpg:224 --jpeg-decode device   # nvJPEG
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main(argv=None) -> list:
     parser.add_argument("--formats", nargs="+", default=["png:224", "jpg:224", "png:256"], help="format:size")
     parser.add_argument("--baseline-precision", default=None, help="default: fp32 on CPU, fp16 on CUDA")
     parser.add_argument("--compile", action="store_true", help="embed_tiles(compile=True), timed after a compiling warm-up")
+    parser.add_argument("--jpeg-decode", default="cpu", choices=("cpu", "device"), help="embed_tiles(jpeg_decode=...)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and 4 tiles: proves the script runs")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -69,7 +71,8 @@ def main(argv=None) -> list:
         for spec in args.formats:
             fmt, size = spec.split(":")
             paths = write_tiles(Path(tmp) / spec.replace(":", "_"), count, int(size), fmt)
-            embed_tiles = lambda: h0mini.embed_tiles(paths, model, device=device, progress=False, compile=args.compile)  # noqa: E731
+            embed_tiles = lambda: h0mini.embed_tiles(paths, model, device=device, progress=False,  # noqa: E731
+                                                     compile=args.compile, jpeg_decode=args.jpeg_decode)
             embed_tiles() if not args.smoke else None  # warm-up: workers, allocator, autocast caches
             synchronize(device)
             baseline_s, baseline = seconds(lambda: model_card_loop(model, paths, device, baseline_precision))
@@ -79,7 +82,8 @@ def main(argv=None) -> list:
             rows.append({
                 "tiles": f"{count} x {fmt} {size}px",
                 f"model card ({baseline_precision}, b8) tiles/s": count / baseline_s,
-                f"h0mini ({embedder.precision}, b{embedder.batch_size}{', compiled' if args.compile else ''}) tiles/s": count / ours_s,
+                f"h0mini ({embedder.precision}, b{embedder.batch_size}{', compiled' if args.compile else ''}, "
+                f"{args.jpeg_decode} JPEG decode) tiles/s": count / ours_s,
                 "speed-up": baseline_s / ours_s,
                 "min cosine": float(cosine(baseline, ours).min()),
                 "pipeline efficiency": (count / ours_s) / model_tps,

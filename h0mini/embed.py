@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidTileError
+from .jpeg import JPEG_DECODERS, EncodedJpeg, decode_on_device, read_encoded
 from .model import load_model
 from .preprocess import Preprocessing
 from .runtime import ModelForward, resolve_device, resolve_precision
@@ -83,6 +84,7 @@ def embed_tiles(
     return_tensors: bool = False,
     dtype: Union[str, np.dtype, torch.dtype] = "float32",
     compile: bool = False,
+    jpeg_decode: str = "cpu",
 ) -> Any:
     """Embed pathology tiles with H0-mini (or any model of the family).
 
@@ -116,6 +118,9 @@ def embed_tiles(
             (15-30 s on CPU), later ones run about 20% faster in bf16 on CPU (frozen weights,
             recompiled if they change). Worth it from a few thousand tiles; falls back to eager
             mode with a warning where compilation fails.
+        jpeg_decode: ``"cpu"`` (Pillow, in the workers) or ``"device"``: JPEG files at the model's
+            input size are decoded by torchvision on the model's device, nvJPEG on CUDA (workers
+            only read bytes). Other files, and JPEGs the device decoder rejects, use Pillow.
 
     Returns:
         ``(N, D)`` array (``(N, 256, D)`` for ``"patch_tokens"``, a dict for ``"all"``), rows in input
@@ -140,6 +145,7 @@ def embed_tiles(
         num_workers=num_workers,
         input_size=input_size,
         compile=compile,
+        jpeg_decode=jpeg_decode,
     )
     source = read_input(tiles)
     parts: List[EmbeddedBatch] = []
@@ -178,9 +184,13 @@ class TileEmbedder:
         num_workers: Union[int, str] = "auto",
         input_size: Union[int, str, None] = None,
         compile: bool = False,
+        jpeg_decode: str = "cpu",
     ):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if jpeg_decode not in JPEG_DECODERS:
+            raise ValueError(f"jpeg_decode must be one of {JPEG_DECODERS}, got {jpeg_decode!r}")
+        self.jpeg_decode = jpeg_decode
         self.device = resolve_device(device)
         self.model = resolve_model(model).to(self.device).eval()
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 1))
@@ -221,6 +231,8 @@ class TileEmbedder:
         for number, (indices, pixel_groups, skipped) in enumerate(batches, start=1):
             if number % TRIM_EVERY == 0:
                 release_freed_memory()
+            if any(isinstance(pixels, list) for _, pixels in pixel_groups):
+                pixel_groups, skipped = self._decode_jpegs(pixel_groups, skipped)
             if skipped and on_error == "raise":
                 bad = skipped[0]
                 raise InvalidTileError(bad.reason, index=bad.index, source=bad.source)
@@ -236,11 +248,32 @@ class TileEmbedder:
             elif skipped:
                 yield EmbeddedBatch(np.zeros(0, dtype=np.int64), {}, skipped)
 
+    def _decode_jpegs(self, pixel_groups: list, skipped: List[SkippedTile]) -> Tuple[list, List[SkippedTile]]:
+        """Decode the batch's encoded JPEGs on the device; files the decoder rejects go through Pillow."""
+        decoded_groups = []
+        for group_indices, pixels in pixel_groups:
+            if not isinstance(pixels, list):
+                decoded_groups.append((group_indices, pixels))
+                continue
+            kept, tensors = [], []
+            for index, item, tensor in zip(group_indices, pixels, decode_on_device(pixels, self.device)):
+                if tensor is None:  # the CPU path decodes it, or names why it cannot
+                    _, array, reason, source = _Prepare(self.preprocessing)(int(index), item.path)
+                    if reason is not None:
+                        skipped = sorted([*skipped, SkippedTile(int(index), source, reason)], key=lambda s: s.index)
+                        continue
+                    tensor = torch.from_numpy(array).permute(2, 0, 1).to(self.device)
+                kept.append(index)
+                tensors.append(tensor)
+            if tensors:
+                decoded_groups.append((np.array(kept, dtype=np.int64), torch.stack(tensors)))
+        return decoded_groups, skipped
+
     # -- preparation -----------------------------------------------------------------------
 
     def _prepared_batches(self, source: Any) -> Iterator[Tuple[np.ndarray, list, List[SkippedTile]]]:
         workers = self._workers(source)
-        prepare = _Prepare(self.preprocessing)
+        prepare = _Prepare(self.preprocessing, encoded_jpegs=self.jpeg_decode == "device")
         if workers > 0 and source.length is not None:
             loader = torch.utils.data.DataLoader(
                 _PreparedDataset(source.items, prepare),
@@ -373,11 +406,16 @@ def _positive(value: Optional[int], name: str) -> Optional[int]:
 class _Prepare:
     """Picklable: decode one item in a worker, turning failures into a reason string."""
 
-    def __init__(self, preprocessing: Preprocessing):
+    def __init__(self, preprocessing: Preprocessing, encoded_jpegs: bool = False):
         self.preprocessing = preprocessing
+        self.encoded_jpegs = encoded_jpegs
 
     def __call__(self, index: int, item: Any) -> Tuple[int, Any, Optional[str], str]:
         source = item.path if isinstance(item, TileRef) else (os.fspath(item) if isinstance(item, (str, os.PathLike)) else describe(item))
+        if self.encoded_jpegs and (isinstance(item, (TileRef, str, os.PathLike))):
+            encoded = read_encoded(source, self.preprocessing)
+            if encoded is not None:
+                return index, encoded, None, source
         try:
             return index, self.preprocessing.prepare(item), None, source
         except InvalidTileError as error:
@@ -402,8 +440,9 @@ def collate(samples: List[Tuple[int, Any, Optional[str], str]]) -> Tuple[np.ndar
     """Stack prepared tiles into batches of equal shape and dtype, keeping their input indices."""
     skipped = [SkippedTile(i, source, reason) for i, pixels, reason, source in samples if reason is not None]
     groups: Dict[Tuple, List[Tuple[int, torch.Tensor]]] = {}
+    encoded = [(index, pixels) for index, pixels, reason, _ in samples if isinstance(pixels, EncodedJpeg)]
     for index, pixels, reason, _ in samples:
-        if reason is not None:
+        if reason is not None or isinstance(pixels, EncodedJpeg):
             continue
         tensor = torch.from_numpy(pixels).permute(2, 0, 1) if isinstance(pixels, np.ndarray) else pixels
         groups.setdefault((tensor.dtype, tuple(tensor.shape)), []).append((index, tensor))
@@ -415,6 +454,8 @@ def collate(samples: List[Tuple[int, Any, Optional[str], str]]) -> Tuple[np.ndar
         (np.array([i for i, _ in members], dtype=np.int64), torch.stack([t for _, t in members]))
         for members in groups.values()
     ]
+    if encoded:  # decoded next to the model: a list, not a stacked tensor
+        batches.append((np.array([i for i, _ in encoded], dtype=np.int64), [e for _, e in encoded]))
     indices = np.concatenate([b[0] for b in batches]) if batches else np.zeros(0, dtype=np.int64)
     return indices, batches, skipped
 
@@ -433,7 +474,7 @@ def _batched_in_thread(items: Iterable[Any], prepare: _Prepare, batch_size: int,
 
 def _pinned(batch: Tuple[np.ndarray, list, List[SkippedTile]]) -> Tuple[np.ndarray, list, List[SkippedTile]]:
     indices, groups, skipped = batch
-    return indices, [(i, pixels.pin_memory()) for i, pixels in groups], skipped
+    return indices, [(i, pixels if isinstance(pixels, list) else pixels.pin_memory()) for i, pixels in groups], skipped
 
 
 _DONE = object()

@@ -143,6 +143,7 @@ def job_settings(embedder: TileEmbedder) -> Dict[str, Any]:
         "precision": embedder.precision,
         "weights_dtype": str(embedder.weights_dtype).replace("torch.", ""),
         "preprocessing": embedder.preprocessing.describe(),
+        "jpeg_decode": embedder.jpeg_decode,  # nvJPEG's pixels differ from Pillow's by a level here and there
     }
 
 

@@ -92,7 +92,7 @@ class Preprocessing:
             "a (3, H, W) tensor or a path"
         )
 
-    def _needs_resize(self, height: int, width: int) -> bool:
+    def needs_resize(self, height: int, width: int) -> bool:
         """False only where timm's resize + centre crop is the identity: a square tile at crop_pct 1."""
         return (height, width) != (self.size, self.size) or self._scale_size() != self.size
 
@@ -102,7 +102,7 @@ class Preprocessing:
     def _prepare_pil(self, image: Image.Image) -> np.ndarray:
         if self.size is None:
             self._check_native(image.height, image.width)
-        elif self._needs_resize(image.height, image.width):
+        elif self.needs_resize(image.height, image.width):
             image = self._resize(image)
         return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
 
@@ -112,7 +112,7 @@ class Preprocessing:
         if array.ndim != 3 or array.shape[2] not in (3, 4):
             raise InvalidTileError(f"an array tile must be (H, W, 3) RGB, got shape {array.shape}")
         if array.dtype == np.uint8:
-            if array.shape[2] == 3 and (self.size is None or not self._needs_resize(*array.shape[:2])):
+            if array.shape[2] == 3 and (self.size is None or not self.needs_resize(*array.shape[:2])):
                 if self.size is None:
                     self._check_native(array.shape[0], array.shape[1])
                 # Already RGB at the right size: no PIL round trip (torch.from_numpy needs it writable).
@@ -144,7 +144,7 @@ class Preprocessing:
         if self.size is None:
             self._check_native(tensor.shape[1], tensor.shape[2])
             return tensor
-        if self._needs_resize(tensor.shape[1], tensor.shape[2]):
+        if self.needs_resize(tensor.shape[1], tensor.shape[2]):
             # Tensors cannot take the PIL path without losing precision: torchvision's bicubic, antialiased.
             tensor = transforms_v2.functional.resize(
                 tensor, [self._scale_size()], antialias=True, interpolation=_v2_mode(self.interpolation)

@@ -21,6 +21,7 @@ def test_benchmark_runs_and_reports(script, capsys):
     assert "|" in capsys.readouterr().out
 
 
-def test_end_to_end_smoke_agrees_with_the_model_card(capsys):
-    rows = importlib.import_module("end_to_end").main(["--smoke", "--device", "cpu", "--formats", "png:224"])
+@pytest.mark.parametrize("options", [["--formats", "png:224"], ["--formats", "jpg:224", "--jpeg-decode", "device"]])
+def test_end_to_end_smoke_agrees_with_the_model_card(options, capsys):
+    rows = importlib.import_module("end_to_end").main(["--smoke", "--device", "cpu", *options])
     assert rows[0]["min cosine"] > 0.999  # bf16 or fp32 default against the fp32 card loop

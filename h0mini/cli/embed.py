@@ -35,6 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--input-size", default=None, help="224 (default: the model's), another multiple of 14, or native")
     parser.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="on a bad tile: stop, or skip and report it")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model: the first batch waits for compilation (15-30 s on CPU), later ones run faster")
+    parser.add_argument("--jpeg-decode", default="cpu", choices=("cpu", "device"),
+                        help="device: decode JPEG tiles on the GPU (nvJPEG) instead of in the workers (default: cpu)")
     parser.add_argument("--save-every", type=int, default=1024, metavar="N", help="save progress every N tiles (default: 1024)")
     add_weights_arguments(parser)
     parser.set_defaults(run=run, parser=parser)
@@ -85,6 +87,7 @@ def _embedder(model, args: argparse.Namespace, num_workers, input_size) -> TileE
         num_workers=num_workers,
         input_size=input_size,
         compile=args.compile,
+        jpeg_decode=args.jpeg_decode,
     )
 
 
