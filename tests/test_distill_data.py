@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from h0mini.distill.augment import MultiCrop, hed_jitter
-from h0mini.distill.config import AugmentConfig, ConfigError, CropsConfig, DistillConfig, load_config, parse_overrides
-from h0mini.distill.data import FeistelPermutation, Sources, TileStream, brace_expand, build_loader, resolve_sources
+from h0mini.distill.config import AugmentConfig, ConfigError, CropsConfig, DistillConfig, load_config, parse_overrides, validate_patch_size
+from h0mini.distill.data import FeistelPermutation, Sources, TileStream, brace_expand, build_loader, resolve_sources, Shard, decode
 
 
 def _tiles(n: int, size: int = 32):
@@ -48,7 +48,7 @@ def _stream(sources, *, rank=0, world=1, batch=2, start=0, end=10, workers=1, ma
     crops = CropsConfig(global_size=28, n_local=1, local_size=14)
     transform = MultiCrop(crops, AugmentConfig(), (0.5,) * 3, (0.25,) * 3)
     return TileStream(sources, transform, seed=3, rank=rank, world_size=world, local_batch=batch, start_step=start,
-                      end_step=end, num_workers=workers, shuffle=True, mask_grid=(2, 2) if masks else None)
+                      end_step=end, shuffle=True, mask_grid=(2, 2) if masks else None)
 
 
 def test_brace_patterns_and_sources(tile_folder, shards, tmp_path):
@@ -126,6 +126,29 @@ def test_shards_split_without_duplicates_and_resume_exactly(shards):
     assert error.value.field == "data.sources"
 
 
+def test_gzipped_shards_rgba_tiles_and_a_vanished_dataset(tmp_path):
+    rgba = Image.new("RGBA", (28, 28), (200, 30, 30, 0))  # fully transparent: glass, so white
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    with tarfile.open(tmp_path / "tiles-000.tar.gz", "w:gz") as tar:
+        for j in range(3):
+            info = tarfile.TarInfo(f"t{j}.png")
+            info.size = len(buffer.getvalue())
+            tar.addfile(info, io.BytesIO(buffer.getvalue()))
+    shard = Shard(resolve_sources([str(tmp_path / "tiles-*.tar.gz")]).shards[0])
+    assert len(shard) == 3
+    (_, data), *_ = shard.read([0])
+    assert torch.equal(decode(data, shard.url), torch.full((3, 28, 28), 255, dtype=torch.uint8))
+
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    for j in range(20):
+        (folder / f"t{j:02d}.png").write_bytes(b"not an image")  # as an unmounted or emptied disk reads
+    stream = _stream(Sources(files=resolve_sources([str(folder)]).files, shards=[]))
+    with pytest.raises(ConfigError, match="16 tiles in a row"):
+        next(iter(stream))
+
+
 def _take(iterator, n):
     return [next(iterator) for _ in range(n)]
 
@@ -172,7 +195,21 @@ def test_config_file_overrides_and_errors_name_the_field(tmp_path, tile_folder):
     assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
     for overrides, field in ((["train.iterations=ten"], "train.iterations"), (["train.nope=1"], "train.nope"),
                              (["augment.hflip=2"], "augment.hflip"), (["data.sources=[]"], "data.sources"),
-                             (["crops.local_scale=[0.5, 0.1]"], "crops.local_scale")):
+                             (["crops.local_scale=[0.5, 0.1]"], "crops.local_scale"),
+                             (["student.model_args={embed_dim:24}"], "student.model_args"),  # no space: a null value
+                             (["teacher.model_args={1: 2}"], "teacher.model_args")):
         with pytest.raises(ConfigError) as error:
             load_config(str(path), overrides)
         assert error.value.field == field and field in str(error.value)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  iterations: [10\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(str(broken))
+    assert error.value.field == "--config" and "not valid YAML" in str(error.value)
+
+
+def test_the_teacher_patch_size_constrains_global_crops_only():
+    config = load_config(None, ["crops.global_size=224", "crops.local_size=98", "data.sources=[x]"])
+    validate_patch_size(config, 16, "teacher", local_crops=False)  # a /16 teacher never sees the 98 px local crops
+    with pytest.raises(ConfigError, match="crops.local_size"):
+        validate_patch_size(config, 16, "student")

@@ -15,6 +15,7 @@ from h0mini.distill.heads import DINOHead, head_state_from_checkpoint
 from h0mini.distill.losses import Centering, dino_loss, feature_loss, ibot_loss, koleo_loss, mask_weights, sinkhorn_knopp
 from h0mini.distill.masking import MaskingGenerator, sample_mask
 from h0mini.distill.schedules import CosineSchedule, WarmupConstant
+from h0mini.distill.meta_arch import head_from_state
 
 
 def _xent(p, q):  # sum_k -p_k log q_k
@@ -138,6 +139,14 @@ def test_dino_head_is_cosine_over_prototypes_and_loads_dinov2_keys():
     other = DINOHead(8, 16, hidden_dim=12, bottleneck_dim=6, nlayers=3)
     other.load_state_dict(loaded)
     assert torch.equal(other.last_layer.weight_g, head.last_layer.weight_g * 2)
+    assert other.last_layer.weight_g.requires_grad  # DINOv2 trains the prototype norms (DINO v1 froze them)
+
+    # DINOv2's one-layer head is a bare nn.Linear: keys mlp.weight / mlp.bias
+    one = DINOHead(8, 16, bottleneck_dim=6, nlayers=1)
+    flat = {k.replace("mlp.0.", "mlp."): v for k, v in one.state_dict().items()}
+    rebuilt = head_from_state(head_state_from_checkpoint({f"dino_head.{k}": v for k, v in flat.items()}, "dino_head"))
+    x = torch.randn(3, 8)
+    assert torch.equal(rebuilt(x), one(x))
 
 
 def test_block_masks_are_seeded_and_within_ratio():

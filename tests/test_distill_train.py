@@ -128,15 +128,19 @@ EQUIV = ["objective.dinov2=1.0", "objective.feature=1.0", "dinov2.koleo_weight=0
          "train.batch_size=8", "train.checkpoint_every=4"]
 
 
+def _torchrun_two_gloo_processes(args) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(_free_port()), "-m", "h0mini.distill", *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_two_gloo_processes_match_one(assets):
     one = assets["root"] / "one"
     assert main(_args(assets, one, *EQUIV)) == 0
     two = assets["root"] / "two"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(_free_port()), "-m", "h0mini.distill", *_args(assets, two, *EQUIV)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun_two_gloo_processes(_args(assets, two, *EQUIV))
     a, b = _state(one / "checkpoints" / "step_00000004.pt"), _state(two / "checkpoints" / "step_00000004.pt")
     assert b["world_size"] == 2 and len(b["rng"]) == 2
     worst = max((a[part][k].float() - b[part][k].float()).abs().max().item()
@@ -145,6 +149,32 @@ def test_two_gloo_processes_match_one(assets):
     assert worst < 1e-4  # float summation order only: same batches, crops, masks, Sinkhorn sums
     moved = max((a["trainable"][k] - _initial(assets, one)[k]).abs().max().item() for k in _initial(assets, one))
     assert moved > 100 * worst  # and the runs did move the weights
+
+
+def test_zero_loss_weights_build_no_idle_parameters_for_ddp(assets):
+    """DDP fails on parameters outside the graph: a head or projector whose loss weight is 0 must not exist."""
+    out = assets["root"] / "partial"
+    _torchrun_two_gloo_processes(_args(
+        assets, out, "objective.dinov2=1.0", "objective.feature=1.0", "feature.cls_weight=0", "dinov2.dino_weight=0",
+        "dinov2.ibot_separate_head=true", "train.iterations=2", "train.batch_size=8"))
+    trained = _state(out / "checkpoints" / "step_00000002.pt")["trainable"]
+    assert any(k.startswith("ibot_head.") for k in trained) and any(k.startswith("patch_projector.") for k in trained)
+    assert not any(k.startswith(("dino_head.", "cls_projector.")) for k in trained)
+
+
+def test_a_relaunch_must_be_the_same_run(assets, capsys):
+    out = assets["root"] / "relaunch"
+    base = ["train.iterations=2", "train.batch_size=4"]
+    assert main(_args(assets, out, *base)) == 0
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+
+    assert main(_args(assets, out, *base, "train.resume=false", "seed=5")) == 1  # would have pruned its own checkpoints
+    assert "'train.resume'" in capsys.readouterr().err
+    assert main(_args(assets, out, "train.iterations=4", "train.batch_size=8")) == 1
+    err = capsys.readouterr().err
+    assert "'train.batch_size'" in err and "4" in err and "8" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == saved  # nothing lost or overwritten
+    assert main(_args(assets, out, "train.iterations=2", "train.batch_size=4", "train.log_every=1")) == 0
 
 
 def _initial(assets, out):

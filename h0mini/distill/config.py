@@ -325,7 +325,10 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
         file = Path(path)
         if not file.is_file():
             raise ConfigError("--config", f"no such file: {str(file)!r}")
-        data = yaml.safe_load(file.read_text()) or {}
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError("--config", f"{str(file)!r} is not valid YAML: {error}") from None
         from_dict(data, config)
     from_dict(parse_overrides(overrides), config)
     validate(config)
@@ -373,6 +376,13 @@ def validate(config: DistillConfig) -> None:
     _check(bool(c.teacher.model), "teacher.model", "name a teacher (Hub id, folder or timm name)")
     _check(bool(c.student.arch), "student.arch", "name a student architecture")
     _check(0.0 <= c.student.drop_path_rate < 1.0, "student.drop_path_rate", "must lie in [0, 1)")
+    for section, args in (("student", c.student.model_args), ("teacher", c.teacher.model_args)):
+        for key, value in args.items():
+            # `{embed_dim:24}` (no space) is YAML for the key "embed_dim:24" with no value: timm would
+            # silently drop it and train the default model.
+            _check(isinstance(key, str) and key.isidentifier() and value is not None, f"{section}.model_args",
+                   f"{key!r}: {value!r} is not a keyword argument with a value (YAML needs a space after the colon: "
+                   "{embed_dim: 384})")
     d = c.dinov2
     if c.objective.dinov2 > 0:
         _check(d.centering in ("sinkhorn_knopp", "centering"), "dinov2.centering",
@@ -447,11 +457,11 @@ def validate_world(config: DistillConfig, world_size: int) -> int:
     return local
 
 
-def validate_patch_size(config: DistillConfig, patch: int, who: str) -> None:
-    """Crops must tile into whole patches, or the ViT silently drops pixels."""
+def validate_patch_size(config: DistillConfig, patch: int, who: str, local_crops: bool = True) -> None:
+    """Crops must tile into whole patches, or the ViT silently drops pixels (the teacher sees global crops only)."""
     k = config.crops
     _check(k.global_size % patch == 0, "crops.global_size",
            f"{k.global_size} is not a multiple of the {who} patch size {patch} (try {max(patch, round(k.global_size / patch) * patch)})")
-    if k.n_local:
+    if k.n_local and local_crops:
         _check(k.local_size % patch == 0, "crops.local_size",
                f"{k.local_size} is not a multiple of the {who} patch size {patch} (try {max(patch, round(k.local_size / patch) * patch)})")

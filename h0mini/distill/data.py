@@ -44,6 +44,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import OptionalDependencyError
+from ..tiles import to_rgb
 from .augment import MultiCrop
 from .config import ConfigError, DistillConfig
 from .masking import MaskingGenerator, sample_mask
@@ -179,7 +180,7 @@ def decode(data, source: str) -> torch.Tensor:
     """Image bytes or path -> uint8 (3, H, W)."""
     handle = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     with Image.open(handle) as image:
-        array = np.asarray(image.convert("RGB"))
+        array = np.asarray(to_rgb(image))  # the package's rule: alpha on white glass, 16-bit scaled
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -217,7 +218,7 @@ class Shard:
                         self.names.append(key)
                         self._data.append(tar.extractfile(member).read())
         else:
-            with tarfile.open(url, mode="r:") as tar:
+            with tarfile.open(url, mode="r:*") as tar:  # .tar, or .tar.gz and friends (slower to seek)
                 for member in tar.getmembers():  # headers only: data is skipped by seeking
                     key, ext = _sample_key(member.name)
                     if member.isfile() and "." + ext.split(".")[-1] in IMAGE_SUFFIXES:
@@ -232,12 +233,15 @@ class Shard:
             for i in indices:
                 yield i, self._data[i]
             return
-        with tarfile.open(self.url, mode="r:") as tar:
+        with tarfile.open(self.url, mode="r:*") as tar:
             for i in indices:
                 yield i, tar.extractfile(self._members[i]).read()
 
 
 # ---------------------------------------------------------------- the stream
+
+
+MAX_UNREADABLE_IN_A_ROW = 16  # beyond that the data is gone (an unmounted disk), not a few bad files
 
 
 class TileStream(IterableDataset):
@@ -248,14 +252,13 @@ class TileStream(IterableDataset):
     """
 
     def __init__(self, sources: Sources, transform: MultiCrop, *, seed: int, rank: int, world_size: int,
-                 local_batch: int, start_step: int, end_step: int, num_workers: int, shuffle: bool,
+                 local_batch: int, start_step: int, end_step: int, shuffle: bool,
                  mask_grid: Optional[Tuple[int, int]], mask_probability: float = 0.5,
                  mask_ratio: Tuple[float, float] = (0.1, 0.5)):
         self.sources = sources
         self.transform = transform
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.local_batch, self.start_step, self.end_step = local_batch, start_step, end_step
-        self.num_workers = max(1, num_workers)
         self.shuffle = shuffle
         self.mask_grid, self.mask_probability, self.mask_ratio = mask_grid, mask_probability, tuple(mask_ratio)
         self._masker = MaskingGenerator(mask_grid) if mask_grid else None
@@ -278,7 +281,8 @@ class TileStream(IterableDataset):
         first = step * global_batch + self.rank * self.local_batch
         for position in range(first, first + self.local_batch):
             index, epoch = self.file_for(position)
-            for attempt in range(len(self.sources.files)):
+            attempts = min(MAX_UNREADABLE_IN_A_ROW, len(self.sources.files))
+            for attempt in range(attempts):
                 path = self.sources.files[(index + attempt) % len(self.sources.files)]
                 try:
                     tile = decode(path, path)
@@ -286,7 +290,8 @@ class TileStream(IterableDataset):
                 except (OSError, ValueError) as error:
                     logger.warning("skipping unreadable tile %r: %s", path, error)
             else:
-                raise ConfigError("data.sources", "no readable tile")
+                raise ConfigError("data.sources", f"{attempts} tiles in a row from "
+                                  f"{self.sources.files[index]!r} on cannot be read: is the data still there (mounted)?")
             out.append((tile, mix(self.seed, epoch, index), index))
         return out
 
@@ -372,7 +377,7 @@ def build_loader(config: DistillConfig, sources: Sources, *, rank: int, world_si
     use_masks = config.objective.dinov2 > 0 and config.dinov2.ibot_weight > 0
     stream = TileStream(
         sources, transform, seed=config.seed, rank=rank, world_size=world_size, local_batch=local_batch,
-        start_step=start_step, end_step=config.train.iterations, num_workers=workers, shuffle=config.data.shuffle,
+        start_step=start_step, end_step=config.train.iterations, shuffle=config.data.shuffle,
         mask_grid=(grid, grid) if use_masks else None, mask_probability=config.dinov2.mask_probability,
         mask_ratio=config.dinov2.mask_ratio,
     )

@@ -3,7 +3,8 @@
 ``DINOHead`` follows DINOv2's ``dinov2/layers/dino_head.py``: an MLP
 (in -> hidden -> hidden -> bottleneck, GELU, no batch norm), L2 normalisation,
 then a weight-normalised linear layer onto K prototypes whose norm ``weight_g``
-is fixed at 1, so logits are cosines in [-1, 1]. The parameter names
+starts at 1 (logits start as cosines in [-1, 1]) and trains, as in DINOv2 (DINO v1
+froze it). The parameter names
 (``mlp.0``, ``mlp.2``, ``mlp.4``, ``last_layer.weight_g``, ``last_layer.weight_v``)
 match DINOv2 checkpoints, so a teacher's own heads load as they are.
 """
@@ -21,14 +22,14 @@ class WeightNormLinear(nn.Module):
     """Linear layer without bias whose rows are ``weight_g * weight_v / ||weight_v||``.
 
     Written out rather than through ``torch.nn.utils.weight_norm`` (deprecated) so the
-    state dict keeps DINOv2's key names; ``weight_g`` is a buffer: DINOv2 fixes it at 1.
+    state dict keeps DINOv2's key names.
     """
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
         nn.init.trunc_normal_(self.weight_v, std=0.02)
-        self.register_buffer("weight_g", torch.ones(out_dim, 1))
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight_g * F.normalize(self.weight_v, dim=1, eps=1e-12)
@@ -77,6 +78,8 @@ def head_state_from_checkpoint(state: Mapping[str, torch.Tensor], name: str) -> 
     for key, value in state.items():
         if marker in key and not key.startswith("student."):
             out[key.split(marker, 1)[1]] = value
+    if "mlp.weight" in out:  # DINOv2's one-layer head is a bare Linear, not a Sequential
+        out["mlp.0.weight"], out["mlp.0.bias"] = out.pop("mlp.weight"), out.pop("mlp.bias")
     if "last_layer.weight" in out and "last_layer.weight_v" not in out:
         out["last_layer.weight_v"] = out.pop("last_layer.weight")
         out["last_layer.weight_g"] = out["last_layer.weight_v"].norm(dim=1, keepdim=True)

@@ -165,15 +165,24 @@ class StudentWithHeads(nn.Module):
         d = config.dinov2
         self.use_dinov2 = config.objective.dinov2 > 0
         self.use_feature = config.objective.feature > 0
+        # DDP needs every parameter in the graph: a head or projector whose loss weight is 0 is not built.
+        self.dino_head: Optional[DINOHead] = None
+        self.ibot_head: Optional[DINOHead] = None
+        self.cls_projector: Optional[FeatureProjector] = None
+        self.patch_projector: Optional[FeatureProjector] = None
         if self.use_dinov2:
-            self.dino_head = DINOHead(dim, d.n_prototypes, d.hidden_dim, d.bottleneck_dim, d.nlayers)
-            # DDP needs every parameter in the graph: no separate iBOT head when the iBOT term is off.
-            self.ibot_head = (DINOHead(dim, d.n_prototypes, d.hidden_dim, d.bottleneck_dim, d.nlayers)
-                              if d.ibot_separate_head and d.ibot_weight > 0 else None)
+            ibot_shares_head = d.ibot_weight > 0 and not d.ibot_separate_head
+            if d.dino_weight > 0 or ibot_shares_head:
+                self.dino_head = DINOHead(dim, d.n_prototypes, d.hidden_dim, d.bottleneck_dim, d.nlayers)
+            if d.ibot_separate_head and d.ibot_weight > 0:
+                self.ibot_head = DINOHead(dim, d.n_prototypes, d.hidden_dim, d.bottleneck_dim, d.nlayers)
+        self.dino_weight = d.dino_weight if self.use_dinov2 else 0.0
         if self.use_feature:
-            hidden = config.feature.projector_hidden_dim
-            self.cls_projector = FeatureProjector(dim, teacher_dim, hidden)
-            self.patch_projector = FeatureProjector(dim, teacher_dim, hidden)
+            f = config.feature
+            if f.cls_weight > 0:
+                self.cls_projector = FeatureProjector(dim, teacher_dim, f.projector_hidden_dim)
+            if f.patch_weight > 0:
+                self.patch_projector = FeatureProjector(dim, teacher_dim, f.projector_hidden_dim)
 
     def forward(self, global_crops: torch.Tensor, local_crops: Optional[torch.Tensor],
                 masks: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -181,16 +190,17 @@ class StudentWithHeads(nn.Module):
         out_global = tokens(self.student, global_crops)
         cls_global, patches = out_global[:, 0], out_global[:, prefix:]
         out: Dict[str, torch.Tensor] = {"cls_global": cls_global}
-        if self.use_dinov2:
+        if self.dino_head is not None and self.dino_weight > 0:
             cls_all = cls_global
             if local_crops is not None and local_crops.numel():
                 cls_all = torch.cat([cls_global, tokens(self.student, local_crops)[:, 0]])
             out["dino_logits"] = self.dino_head(cls_all)
-            if masks is not None:
-                head = self.ibot_head if self.ibot_head is not None else self.dino_head
-                out["ibot_logits"] = head(patches[masks])
-        if self.use_feature:
+        if self.use_dinov2 and masks is not None:
+            head = self.ibot_head if self.ibot_head is not None else self.dino_head
+            out["ibot_logits"] = head(patches[masks])
+        if self.cls_projector is not None:
             out["cls_pred"] = self.cls_projector(cls_global)
+        if self.patch_projector is not None:
             out["patch_pred"] = self.patch_projector(patches)
         return out
 
@@ -320,11 +330,11 @@ class Distiller(nn.Module):
             d = c.dinov2
             cls_targets, patch_targets = self._teacher_targets(teacher_out, masks, teacher_temp)
             n_global = global_crops.shape[0]
-            student_logits = list(out["dino_logits"][:n_global].chunk(2))
-            if out["dino_logits"].shape[0] > n_global:
-                student_logits += list(out["dino_logits"][n_global:].chunk(c.crops.n_local))
             part = global_crops.new_zeros((), dtype=torch.float32)
             if d.dino_weight:
+                student_logits = list(out["dino_logits"][:n_global].chunk(2))
+                if out["dino_logits"].shape[0] > n_global:
+                    student_logits += list(out["dino_logits"][n_global:].chunk(c.crops.n_local))
                 terms["dino"] = dino_loss(student_logits, cls_targets, d.student_temp)
                 part = part + d.dino_weight * terms["dino"]
             if masks is not None:
@@ -352,7 +362,7 @@ class Distiller(nn.Module):
 def probe_teacher_dim(teacher: nn.Module, config: DistillConfig, device: torch.device) -> Tuple[int, int]:
     """(embed dim, patch size) of the teacher, checking crops against its patch size first."""
     patch = patch_size_of(teacher)
-    validate_patch_size(config, patch, "teacher")
+    validate_patch_size(config, patch, "teacher", local_crops=False)
     dim = getattr(teacher, "embed_dim", None) or getattr(teacher, "num_features", None)
     if dim is None:
         with torch.inference_mode():

@@ -35,9 +35,6 @@ class CosineSchedule:
     def __getitem__(self, it: int) -> float:
         return float(self.values[it]) if it < len(self.values) else self.final
 
-    def __len__(self) -> int:
-        return len(self.values)
-
 
 class WarmupConstant:
     """Linear from ``start`` to ``value`` over ``warmup`` iterations, then constant (teacher temperature)."""

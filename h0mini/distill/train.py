@@ -170,6 +170,33 @@ class Checkpointer:
         return path
 
 
+# What a relaunch may change: where and how often it writes, how long it runs, where tiles are read from.
+RELAUNCH_MAY_CHANGE = ("output_dir", "train.resume", "train.max_run_steps", "train.log_every",
+                       "train.checkpoint_every", "train.keep_last", "train.tensorboard", "train.export_dir",
+                       "train.device", "data.num_workers", "data.sources")
+
+
+def check_resumable(saved: Dict[str, Any], config: DistillConfig, path: Path) -> None:
+    """A resumed run must be the run that was saved: any other change would silently alter it."""
+    before, now = _flatten(saved), _flatten(config.to_dict())
+    for key in sorted(set(before) | set(now)):
+        if key in RELAUNCH_MAY_CHANGE or before.get(key) == now.get(key):
+            continue
+        raise ConfigError(key, f"the checkpoint {str(path)!r} was made with {key}={before.get(key)!r}, this launch "
+                          f"says {now.get(key)!r}: relaunch with the saved setting (see config.yaml beside it) or "
+                          "start a new run in another output_dir")
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def rng_state() -> Dict[str, Any]:
     """This process's RNG states as plain Python lists (they travel through all_gather_object and weights_only)."""
     np_state = np.random.get_state()
@@ -336,6 +363,10 @@ def _train(config: DistillConfig, world: World, teacher_module: Optional[nn.Modu
 
     checkpointer = Checkpointer(out_dir / CHECKPOINT_DIR, c.train.keep_last)
     start_step = 0
+    if not c.train.resume and checkpointer.paths():
+        raise ConfigError("train.resume", f"{str(checkpointer.folder)!r} holds checkpoints of an earlier run, which "
+                          "would mix with this one's: resume it (train.resume=true), choose another output_dir, "
+                          "or delete that folder")
     latest = checkpointer.latest() if c.train.resume else None
     if latest is not None:
         start_step = _load_checkpoint(latest, distiller, ema, optimizer, world, c)
@@ -397,8 +428,10 @@ def _train(config: DistillConfig, world: World, teacher_module: Optional[nn.Modu
                         for p in group["params"]:
                             p.grad = None
             grad_norm = float("nan")
-            if c.optim.clip_grad > 0:
-                grad_norm = float(nn.utils.clip_grad_norm_(trainable.parameters(), c.optim.clip_grad))
+            if c.optim.clip_grad > 0:  # per module, as DINOv2: a 65k-prototype head must not set the backbone's scale
+                norms = [float(nn.utils.clip_grad_norm_(module.parameters(), c.optim.clip_grad))
+                         for module in trainable.children()]
+                grad_norm = norms[0]  # the student backbone's
             optimizer.step()
             ema.update(trainable.student, schedules.ema_momentum[step])
             if world.device.type == "cuda":
@@ -515,6 +548,7 @@ def _save_checkpoint(checkpointer: Checkpointer, step: int, distiller: Distiller
 def _load_checkpoint(path: Path, distiller: Distiller, ema: EMA, optimizer: torch.optim.Optimizer, world: World,
                      c: DistillConfig) -> int:
     state = torch.load(path, map_location="cpu", weights_only=True)
+    check_resumable(state.get("config", {}), c, path)
     distiller.trainable.load_state_dict(state["trainable"])
     ema.model.load_state_dict(state["ema"])
     for name, head_state in state.get("teacher_heads", {}).items():
