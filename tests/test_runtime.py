@@ -87,6 +87,16 @@ def test_compile_matches_eager_pads_the_last_batch_and_follows_weight_changes(ti
     assert np.abs(compiled_after - eager_after).max() < 1e-4
 
 
+@needs_cxx
+def test_compiled_bf16_on_cpu_stays_at_the_parity_bar(tiles):
+    """The CPU default precision, compiled (frozen, pre-packed bf16 weights) against fp32 eager."""
+    model = make_model()
+    fp32 = h0mini.embed_tiles(tiles, model, precision="fp32")
+    compiled = h0mini.embed_tiles(tiles, model, precision="bf16", compile=True)
+    cos = (compiled * fp32).sum(-1) / np.linalg.norm(compiled, axis=-1) / np.linalg.norm(fp32, axis=-1)
+    assert cos.min() > 0.999
+
+
 def test_a_compiler_failure_warns_and_falls_back_to_eager(monkeypatch, tiles):
     model = make_model()
 
