@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 from .constants import (
     CROP_PCT,
     H0_MINI_REPO_ID,
+    H_OPTIMUS_0_REPO_ID,
     INTERPOLATION,
     MEAN,
     MICRONS_PER_PIXEL,
@@ -26,6 +27,8 @@ from .version import __version__
 PAPER_URL = "https://arxiv.org/abs/2501.16239"
 DEFAULT_TAGS = ("h0mini", "timm", "pathology", "histology", "vision-transformer", "image-feature-extraction")
 PROVENANCE_FIELDS = ("weights", "arch", "repo_id", "revision", "weights_file", "weights_sha256")
+
+_REPO_LICENCES = {H0_MINI_REPO_ID.lower(): "cc-by-nc-nd-4.0", H_OPTIMUS_0_REPO_ID.lower(): "apache-2.0"}
 
 _CITATION = """@inproceedings{filiot2025distilling,
   title     = {Distilling foundation models for robust and efficient models in digital pathology},
@@ -60,8 +63,10 @@ def render_model_card(
             table; nested mappings are flattened to ``a.b`` keys.
         repo_id: the Hub repo the card is for, used in the usage snippet. Default: the
             provenance's ``repo_id``, else a placeholder ``<user>/<repo>``.
-        license: Hub licence id. Default: ``cc-by-nc-nd-4.0`` (H0-mini's) for H0-mini weights and
-            the ``h0_mini`` architecture, ``apache-2.0`` for ``h_optimus_0``, else ``other``.
+        license: Hub licence id. Default: from the repo the weights came from (else ``repo_id``):
+            ``cc-by-nc-nd-4.0`` for bioptimus/H0-mini, ``apache-2.0`` for bioptimus/H-optimus-0,
+            else ``other``. The architecture alone decides nothing: a user's own ``h0_mini``
+            weights (a distilled student) are not under H0-mini's licence.
         title: first heading. Default: the repo id or the architecture.
         description: a paragraph under the title. Default: one sentence naming the architecture.
         embed_dim: token width. Default: looked up from the architecture (768 for ``h0_mini``).
@@ -83,7 +88,7 @@ def render_model_card(
     weights = dict(weights)
     arch = str(weights.get("arch") or "unknown")
     repo = repo_id or weights.get("repo_id") or "<user>/<repo>"
-    licence = license or default_license(arch, weights.get("repo_id"))
+    licence = license or default_license(weights.get("repo_id") or repo_id)
     dim = embed_dim or _embed_dim(arch)
     prep = _preprocessing(preprocessing)
     size = prep["size"]
@@ -147,13 +152,13 @@ def render_model_card(
     return "\n\n".join(s.strip("\n") for s in sections) + "\n"
 
 
-def default_license(arch: str, repo_id: Optional[str] = None) -> str:
-    """Hub licence id for weights of ``arch`` (or from ``repo_id``): see :func:`render_model_card`."""
-    if repo_id == H0_MINI_REPO_ID or arch == "h0_mini":
-        return "cc-by-nc-nd-4.0"
-    if arch == "h_optimus_0":
-        return "apache-2.0"
-    return "other"
+def default_license(repo_id: Optional[str]) -> str:
+    """Hub licence id for weights from ``repo_id``: see :func:`render_model_card`.
+
+    Only the Bioptimus repos' licences are known; the architecture says nothing about whose
+    weights these are.
+    """
+    return _REPO_LICENCES.get(str(repo_id or "").lower(), "other")
 
 
 def _embed_dim(arch: str) -> Optional[int]:

@@ -80,6 +80,21 @@ def test_training_summary_options_and_quoting():
     assert 'load_model("me/student")' in text
 
 
+def test_licence_follows_the_weights_repo_not_the_architecture():
+    # A user's own h0_mini-architecture weights (e.g. a distilled student) are not Bioptimus's H0-mini.
+    own = {"weights": "/runs/student", "arch": "h0_mini", "weights_file": "model.safetensors", "weights_sha256": "cd" * 32}
+    text = render_model_card(own, repo_id="me/student")
+    assert front_matter(text)["license"] == "other"
+    assert "gated" not in text and "CC-BY-NC-ND" not in text
+    copy = render_model_card({**own, "repo_id": None}, repo_id="bioptimus/H0-mini")
+    assert front_matter(copy)["license"] == "cc-by-nc-nd-4.0"  # a card for the H0-mini repo itself
+    text = render_model_card(H0_MINI_PROVENANCE, repo_id="me/h0-mini-mirror")
+    assert front_matter(text)["license"] == "cc-by-nc-nd-4.0" and "gated" in text
+    optimus = {"arch": "h_optimus_0", "repo_id": "bioptimus/H-optimus-0"}
+    assert front_matter(render_model_card(optimus))["license"] == "apache-2.0"
+    assert front_matter(render_model_card({"arch": "h_optimus_0"}))["license"] == "other"
+
+
 def test_unknown_architecture_and_no_repo_still_render():
     text = render_model_card({"arch": "vit_custom"})
     assert front_matter(text)["license"] == "other"

@@ -367,3 +367,90 @@ def test_missing_optional_dependency_says_how_to_install(monkeypatch):
     monkeypatch.setattr(plism.importlib, "import_module", fake_import)
     with pytest.raises(OptionalDependencyError, match=r"PLISM pair tables needs the package 'pandas'.*h0mini\[eval\]"):
         slide_pairs(["GM_P", "HR_P"])
+
+
+# --- registration by tile names, provenance and the plism-benchmark layout ----------------------
+
+
+def write_embed_file(path, features, tile_names, *, output="cls", skipped=(), coords=None):
+    """A feature file as `h0mini embed` writes it (.h5, .npy + sidecar or .pt)."""
+    from h0mini.writers import Embeddings, write_embeddings
+
+    provenance = {"output": output, "weights": "test"}
+    write_embeddings(path, Embeddings({"features": features}, list(tile_names), coords, provenance, list(skipped)))
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".npy", ".pt"])
+def test_tile_names_without_coords_must_match(tmp_path, suffix):
+    feats = grid_features(stainings=("GM", "HR"), scanners=("P",), n=6)
+    names = [f"tile_{i}.png" for i in range(6)]
+    # Each slide's tiles live in the slide's own folder: only the file name has to agree.
+    write_embed_file(tmp_path / f"GM_P{suffix}", feats["GM_P"], [f"/data/GM_P/{n}" for n in names])
+    write_embed_file(tmp_path / f"HR_P{suffix}", feats["HR_P"], [f"/data/HR_P/{n}" for n in names])
+    assert len(evaluate_slides(tmp_path, ks=(1,))) == 1
+    # HR_P lost tile 2 (`--on-error skip`) and has one more tile at the end: same count, shifted rows.
+    shifted = names[:2] + names[3:] + ["tile_6.png"]
+    write_embed_file(tmp_path / f"HR_P{suffix}", feats["HR_P"], [f"/data/HR_P/{n}" for n in shifted])
+    with pytest.raises(
+        EvaluationInputError,
+        match=r"slide 'HR_P': field 'tile_names' differs from slide 'GM_P' at tile 2 \('tile_3.png' vs 'tile_2.png'\)",
+    ):
+        evaluate_slides(tmp_path, ks=(1,))
+    assert len(evaluate_slides(tmp_path, ks=(1,), check_coords=False)) == 1
+
+
+def test_tile_names_may_carry_the_slide_name():
+    feats = grid_features(stainings=("GM", "HR"), scanners=("P",), n=4)
+    values = {
+        name: {"features": feats[name], "tile_names": [f"{name}_x{i * 224}_y0.png" for i in range(4)]} for name in feats
+    }
+    assert len(evaluate_slides(values, ks=(1,))) == 1
+    values["HR_P"]["tile_names"] = values["HR_P"]["tile_names"][::-1]
+    with pytest.raises(EvaluationInputError, match=r"slide 'HR_P': field 'tile_names' differs from slide 'GM_P' at tile 0"):
+        evaluate_slides(values, ks=(1,))
+
+
+def test_skipped_tiles_without_names_or_coords_warn(tmp_path):
+    feats = grid_features(stainings=("GM", "HR"), scanners=("P",), n=5)
+    with h5py.File(tmp_path / "GM_P.h5", "w") as f:
+        f["features"] = feats["GM_P"]
+    with h5py.File(tmp_path / "HR_P.h5", "w") as f:
+        f["features"] = feats["HR_P"]
+        f.attrs["skipped"] = '[{"index": 1, "path": "HR_P/tile_1.png", "reason": "truncated"}]'
+    with pytest.warns(UserWarning, match=r"HR_P.h5.*1 tile\(s\) skipped.*no tile names or coordinates"):
+        evaluate_slides(tmp_path, ks=(1,))
+
+
+def test_non_cls_features_warn_once_per_run(tmp_path):
+    feats = grid_features(stainings=("GM", "HR", "KR"), scanners=("P",), n=5)
+    for name, x in feats.items():
+        write_embed_file(tmp_path / f"{name}.h5", x, [f"t{i}.png" for i in range(5)], output="cls+mean")
+    with pytest.warns(UserWarning, match=r"GM_P.h5.*output mode 'cls\+mean'.*--output-mode cls") as record:
+        evaluate_slides(tmp_path, ks=(1,))
+    assert sum("output mode" in str(w.message) for w in record) == 1
+    with pytest.warns(UserWarning, match="output mode 'cls\\+mean'"):
+        plism.load_slide_features(tmp_path / "HR_P.h5")
+    for name, x in feats.items():
+        write_embed_file(tmp_path / f"{name}.npy", x, [f"t{i}.png" for i in range(5)], output="cls")
+        (tmp_path / f"{name}.h5").unlink()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate_slides(tmp_path, ks=(1,))
+
+
+def test_plismbench_layout_strips_coordinate_columns_by_default(tmp_path):
+    feats = grid_features(stainings=("GM", "HR"), scanners=("AT2",), n=8)
+    coords = np.concatenate([np.zeros((8, 1)), np.arange(16).reshape(8, 2) * 224], axis=1)
+    for name, x in feats.items():
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "features.npy", np.concatenate([coords, x], axis=1).astype(np.float32))
+    want = pair_metrics(feats["GM_AT2"], feats["HR_AT2"], ks=(1,))
+    pairs = evaluate_slides(tmp_path, ks=(1,))
+    assert pairs.loc[0, "cosine_similarity"] == pytest.approx(want["cosine_similarity"], abs=1e-6)
+    loaded = plism.load_slide_features(tmp_path / "GM_AT2" / "features.npy")
+    assert loaded.features.shape == (8, 6) and np.array_equal(loaded.coords, coords)
+    # The explicit argument wins: all columns are features.
+    raw = evaluate_slides(tmp_path, ks=(1,), coords_columns=0)
+    assert raw.loc[0, "cosine_similarity"] != pytest.approx(want["cosine_similarity"], abs=1e-3)

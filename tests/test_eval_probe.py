@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 pd = pytest.importorskip("pandas")
@@ -73,8 +76,10 @@ def test_linear_probe_is_deterministic_and_early_stops():
 
 def test_given_split_and_groups():
     x, y = blobs(n_per_class=60)
-    groups = np.arange(len(x)) // 10  # 18 "slides" of 10 tiles
-    split = make_split(y, groups=groups, seed=0)
+    groups = np.arange(len(x)) % 18  # 18 "slides" of 10 tiles, each with tissue of every class
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every class reaches val and test: no warning
+        split = make_split(y, groups=groups, seed=0)
     assert set(split) == {"train", "val", "test"}
     for g in np.unique(groups):
         assert len(set(split[groups == g])) == 1  # a slide never straddles two splits
@@ -166,3 +171,28 @@ def test_ri_bad_input():
         robustness_index(x, labels, centres[:-1])
     with pytest.raises(EvaluationInputError, match="lower k"):
         robustness_index(x, labels, centres, slides=slides, k=len(x))
+
+
+def test_split_with_too_few_samples_per_class_names_the_fractions():
+    labels = np.repeat([f"class_{c}" for c in range(10)], 3)
+    with pytest.raises(EvaluationInputError, match=r"test_fraction.*val_fraction.*'class_0': 3"):
+        make_split(labels)
+    with pytest.raises(EvaluationInputError, match="test_fraction"):
+        linear_probe(np.random.default_rng(0).normal(size=(30, 4)), labels)
+
+
+def test_split_warns_when_a_class_misses_val_or_test():
+    labels = np.array(["a"] * 20 + ["b"] * 20 + ["rare"] * 2)
+    with pytest.warns(UserWarning, match=r"class 'rare' \(2 samples\) has no sample in .*'(val|test)'"):
+        split = make_split(labels)
+    assert set(split) == {"train", "val", "test"}
+
+
+def test_probes_accept_device_auto():
+    x, y = blobs(n_per_class=30)
+    auto = linear_probe(x, y, seeds=(0,), max_steps=100, device="auto")
+    if not torch.cuda.is_available():  # "auto" is then the CPU: the very same run
+        assert auto.scores == linear_probe(x, y, seeds=(0,), max_steps=100, device="cpu").scores
+    xs, labels, centres, slides = centre_data(centre_strength=1.0, n_per_cell=10)
+    cpu = robustness_index(xs, labels, centres, slides=slides, device="cpu")
+    assert robustness_index(xs, labels, centres, slides=slides, device="auto").ri == pytest.approx(cpu.ri)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,8 +69,20 @@ def test_graded_and_deterministic(tiles, name):
 def test_seed_changes_random_directions():
     params = {seed: PERTURBATIONS["stain"].params(0.5, seed=seed) for seed in range(4)}
     assert len({p["alpha"] for p in params.values()}) == 4
+    assert len({p["beta"] for p in params.values()}) == 4
     assert PERTURBATIONS["stain"].params(0.5, seed=1) == PERTURBATIONS["stain"].params(0.5, seed=1)
     assert PERTURBATIONS["stain"].params(0.0, seed=1) == {"alpha": (1.0, 1.0, 1.0), "beta": (0.0, 0.0, 0.0)}
+
+
+@pytest.mark.parametrize("strength", [0.1, 0.35, 0.5, 1.0])
+def test_stain_strength_sets_the_size_and_the_seed_only_the_direction(strength):
+    from h0mini.eval.perturb import STAIN_SHIFT_SCALE
+
+    for seed in range(20):
+        p = PERTURBATIONS["stain"].params(strength, seed=seed)
+        assert p["alpha"][2] == 1.0 and p["beta"][2] == 0.0  # DAB is left alone
+        assert max(abs(a - 1.0) for a in p["alpha"][:2]) == pytest.approx(strength), seed
+        assert max(abs(b) for b in p["beta"][:2]) == pytest.approx(STAIN_SHIFT_SCALE * strength), seed
 
 
 def test_hed_round_trip_is_exact_without_shortcut():
@@ -172,6 +185,23 @@ def test_load_tiles(tmp_path, tiles):
         load_tiles(tmp_path / "bad.png")
 
 
+def test_load_tiles_uses_the_package_decoding_rules(tmp_path):
+    # Transparent pixels are glass: white, as h0mini.embed_tiles reads them, not the hidden colour.
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., :3] = (10, 20, 30)
+    rgba[:4, ..., 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    gray16 = Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16))  # 16-bit mid-grey
+    gray16.save(tmp_path / "gray16.png")
+    images, names = load_tiles([tmp_path / "alpha.png", Image.fromarray(rgba, "RGBA"), tmp_path / "gray16.png"])
+    for image in images[:2]:
+        pixels = np.asarray(image)
+        assert image.mode == "RGB"
+        assert (pixels[:4] == (10, 20, 30)).all() and (pixels[4:] == 255).all()
+    assert (np.asarray(images[2]) == 128).all()
+    assert names[0] == "alpha.png"
+
+
 # --- the command ------------------------------------------------------------------------------
 
 
@@ -208,3 +238,30 @@ def test_import_h0mini_does_not_import_eval():
     code = "import sys, h0mini; bad = [m for m in ('h0mini.eval', 'pandas', 'matplotlib', 'sklearn') if m in sys.modules]; print(bad)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_cli_max_tiles_decodes_only_the_tiles_it_uses(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for i, (_, tile) in enumerate(slide_tiles()[:5]):
+        Image.fromarray(tile).save(folder / f"tile_{i}.png")
+    (folder / "zz_broken.png").write_bytes(b"not a png")  # sorted last: beyond --max-tiles
+    opened = []
+    real_open = Image.open
+
+    def counting_open(fp, *args, **kwargs):
+        if str(fp).startswith(str(folder)):
+            opened.append(Path(fp).name)
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    write_checkpoint(tmp_path / "ckpt")
+    argv = [
+        "robustness", str(folder), "-o", str(tmp_path / "report"), "--weights", str(tmp_path / "ckpt"),
+        "--perturbations", "blur", "--top-k", "1,3", "--max-tiles", "3", "--examples", "0",
+        "--device", "cpu", "--precision", "fp32",
+    ]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "(3 tiles)" in capsys.readouterr().out
+    assert sorted(opened) == ["tile_0.png", "tile_1.png", "tile_2.png"]
+    assert set(pd.read_csv(tmp_path / "report" / "metrics.csv")["n_tiles"]) == {3}

@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("-o", "--output", default="-", help="file to write (default: - for stdout)")
     parser.add_argument("--repo-id", default=None, help="Hub repo the card is for (used in the usage snippet)")
-    parser.add_argument("--license", default=None, help="Hub licence id (default: from the architecture)")
+    parser.add_argument("--license", default=None, help="Hub licence id (default: that of the weights' Bioptimus repo, else other)")
     parser.add_argument("--title", default=None, help="first heading (default: the repo id)")
     parser.add_argument("--training", default=None, metavar="JSON", help="a JSON file with a training summary")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")

@@ -100,9 +100,8 @@ def run(args: argparse.Namespace) -> int:
     import h0mini
     from ..eval.report import load_tiles, robustness_report
 
-    images, names = load_tiles(args.tiles)  # bad paths fail before any model loads
-    if args.max_tiles is not None:
-        images, names = images[: args.max_tiles], names[: args.max_tiles]
+    # Bad paths fail before any model loads; only the tiles kept by --max-tiles are decoded.
+    images, names = load_tiles(args.tiles, max_tiles=args.max_tiles)
     weights: List[Optional[str]] = list(args.weights) if args.weights else [None]
     labels = model_labels(weights, args.label)
     models: Dict[str, Callable] = {}

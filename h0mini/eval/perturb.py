@@ -10,7 +10,9 @@ Randomness: the stain, brightness, contrast and gamma perturbations draw a direc
 stain gets stronger, brighter or darker) from ``numpy.random.default_rng([seed, id])``, where
 ``id`` is fixed per perturbation. The same direction then applies to every tile and every
 strength, as a real staining protocol or scanner shifts a whole slide the same way, and the
-results are reproducible from the seed.
+results are reproducible from the seed. The seed never sets the size of the change: the stain
+direction is scaled so that its largest component is 1, so at strength ``s`` the more affected
+stain is scaled by ``1 +- s`` and shifted by ``+-STAIN_SHIFT_SCALE * s``, whatever the seed.
 
 Stain perturbation (Tellez et al., 2018, "HED" augmentation): RGB is converted to optical
 density ``OD = -log10((I + 1) / 256)``, unmixed into haematoxylin, eosin and DAB
@@ -157,9 +159,18 @@ def _sign(rng: np.random.Generator) -> int:
     return 1 if rng.random() < 0.5 else -1
 
 
+def _direction(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A random direction whose largest absolute component is 1, so that strength alone sets the size."""
+    while True:
+        draw = rng.uniform(-1.0, 1.0, size=size)
+        peak = np.abs(draw).max()
+        if peak > 1e-3:  # guards the (practically impossible) all-zero draw
+            return draw / peak
+
+
 def _stain_params(strength: float, rng: np.random.Generator) -> Dict[str, Any]:
-    scale = rng.uniform(-1.0, 1.0, size=2)
-    shift = rng.uniform(-1.0, 1.0, size=2)
+    scale = _direction(rng, 2)
+    shift = _direction(rng, 2)
     alpha = (1.0 + strength * scale[0], 1.0 + strength * scale[1], 1.0)
     beta = (STAIN_SHIFT_SCALE * strength * shift[0], STAIN_SHIFT_SCALE * strength * shift[1], 0.0)
     return {"alpha": tuple(float(a) for a in alpha), "beta": tuple(float(b) for b in beta)}

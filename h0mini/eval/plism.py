@@ -42,10 +42,11 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import logging
+import json
 import math
 import re
 import sys
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +57,6 @@ import torch
 
 from .. import runtime
 from ..errors import EvaluationInputError, OptionalDependencyError
-
-logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[Sequence[float]]]
@@ -417,35 +416,61 @@ def slide_pairs(names: Iterable[str], *, slide_pattern: Union[str, "re.Pattern[s
 
 @dataclass
 class SlideFeatures:
-    """Features of one slide, with the optional tile coordinates used to check registration."""
+    """Features of one slide, with what identifies its rows (coordinates, tile names) to check registration."""
 
     features: np.ndarray  # (n, d)
     coords: Optional[np.ndarray] = None  # (n, 2) or (n, c)
     source: Optional[str] = None
+    tile_names: Optional[List[str]] = None  # the tile file of each row, as `h0mini embed` records it
+    skipped: int = 0  # tiles left out when the slide was embedded (`h0mini embed --on-error skip`)
+    output: Optional[str] = None  # the embedding's output mode from its provenance ("cls", "cls+mean"...)
 
 
-def load_slide_features(path: PathLike, *, coords_columns: int = 0) -> SlideFeatures:
-    """Read one slide's features from ``.h5``, ``.npy`` or ``.pt``.
+PLISMBENCH_COORDS_COLUMNS = 3
+"""Leading columns of plism-benchmark's ``<slide>/features.npy`` that are tile coordinates, not
+features (its evaluation reads ``features[:, 3:]``)."""
 
-    Args:
-        path: an ``h0mini embed`` ``.h5`` file (datasets ``features`` (n, d), optional ``coords``),
-            a ``.npy`` array, or a ``.pt`` file holding a tensor or a dict with ``features``
-            (and optionally ``coords``).
-        coords_columns: leading columns of a ``.npy``/``.pt`` array that are tile coordinates, not
-            features (plism-benchmark's ``features.npy`` files: 3).
 
-    Returns:
-        ``SlideFeatures`` with the features as stored (dtype kept) and coordinates if any.
+def _is_plismbench_file(path: Path) -> bool:
+    """plism-benchmark's ``<slide>/features.npy``: a bare array, no `h0mini embed` sidecar."""
+    return path.name.lower() == "features.npy" and not path.with_name(path.name + ".json").exists()
 
-    Raises:
-        FileNotFoundError: the file does not exist.
-        EvaluationInputError (a ValueError): unknown suffix, no ``features`` field, or not a 2-D array.
-    """
+
+def _names(values: Any) -> List[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _read_npy_sidecar(path: Path) -> Dict[str, Any]:
+    """The ``.npy.json`` sidecar `h0mini embed` writes beside a ``.npy`` (names, coords, provenance)."""
+    sidecar = path.with_name(path.name + ".json")
+    if not sidecar.is_file():
+        return {}
+    from ..model import file_sha256
+
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise EvaluationInputError(
+            f"{str(sidecar)!r} (beside {str(path)!r}) is not valid JSON ({error}); delete it or re-run h0mini embed"
+        ) from None
+    if not isinstance(meta, dict):
+        return {}
+    if "npy_sha256" in meta and meta["npy_sha256"] != file_sha256(path):
+        raise EvaluationInputError(
+            f"{str(sidecar)!r} does not describe {str(path)!r} (an interrupted write?): its tile names may not "
+            f"match the rows; re-run h0mini embed for this slide, or delete the sidecar to use the bare array"
+        )
+    return meta
+
+
+def _read_slide_file(path: PathLike, coords_columns: Optional[int]) -> SlideFeatures:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
-    coords = None
+    coords = names = None
+    provenance: Dict[str, Any] = {}
+    skipped: Any = []
     if suffix in (".h5", ".hdf5"):
         import h5py
 
@@ -455,14 +480,28 @@ def load_slide_features(path: PathLike, *, coords_columns: int = 0) -> SlideFeat
             features = f["features"][()]
             if "coords" in f:
                 coords = f["coords"][()]
+            if "tile_names" in f:
+                names = _names(f["tile_names"][()])
+            try:
+                provenance = json.loads(f.attrs.get("h0mini_provenance", "{}"))
+                skipped = json.loads(f.attrs.get("skipped", "[]"))
+            except (TypeError, ValueError):
+                pass  # not an h0mini file: nothing to learn from its attributes
+            if not isinstance(provenance, Mapping) or "output" not in provenance:
+                provenance = {"output": _names([f.attrs["output"]])[0]} if "output" in f.attrs else {}
     elif suffix == ".npy":
         features = np.load(path, allow_pickle=False)
+        meta = _read_npy_sidecar(path)
+        names = meta.get("tile_names")
+        coords = meta.get("coords")
+        provenance, skipped = meta.get("provenance") or {}, meta.get("skipped") or []
     elif suffix in (".pt", ".pth"):
         obj = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(obj, Mapping):
             if "features" not in obj:
                 raise EvaluationInputError(f"{str(path)!r} holds a dict without a 'features' entry (keys: {sorted(obj)})")
-            coords = obj.get("coords")
+            coords, names = obj.get("coords"), obj.get("tile_names")
+            provenance, skipped = obj.get("provenance") or {}, obj.get("skipped") or []
             obj = obj["features"]
         features = obj
         if isinstance(features, torch.Tensor):
@@ -474,11 +513,66 @@ def load_slide_features(path: PathLike, *, coords_columns: int = 0) -> SlideFeat
     features = np.asarray(features)
     if features.ndim != 2:
         raise EvaluationInputError(f"{str(path)!r}: features must be 2-D (tiles, dim), got shape {features.shape}")
+    if coords_columns is None:
+        coords_columns = PLISMBENCH_COORDS_COLUMNS if suffix == ".npy" and _is_plismbench_file(path) else 0
     if coords_columns:
         if coords is not None:
             raise EvaluationInputError(f"{str(path)!r} has a 'coords' field; coords_columns applies to bare arrays only")
+        if features.shape[1] <= coords_columns:
+            raise EvaluationInputError(
+                f"{str(path)!r} has {features.shape[1]} columns, not more than coords_columns={coords_columns} "
+                f"(plism-benchmark's features.npy: 3 coordinate columns, then the features); pass coords_columns=0 "
+                f"if every column is a feature"
+            )
         coords, features = features[:, :coords_columns], features[:, coords_columns:]
-    return SlideFeatures(features=features, coords=None if coords is None else np.asarray(coords), source=str(path))
+    output = provenance.get("output") if isinstance(provenance, Mapping) else None
+    return SlideFeatures(
+        features=features,
+        coords=None if coords is None else np.asarray(coords),
+        source=str(path),
+        tile_names=None if names is None else _names(names),
+        skipped=len(skipped) if isinstance(skipped, (list, tuple)) else 0,
+        output=None if output is None else str(output),
+    )
+
+
+def _output_warning(slide: SlideFeatures, name: str) -> Optional[str]:
+    if slide.output is None or slide.output == "cls":
+        return None
+    where = repr(slide.source) if slide.source else f"slide {name!r}"
+    return (
+        f"{where} holds features of output mode {slide.output!r}, but the PLISM leaderboard (and its published "
+        f"scores, H0-mini 0.541) uses the CLS token alone; re-embed with `h0mini embed ... --output-mode cls` "
+        f"(or output='cls') to compare with them"
+    )
+
+
+def load_slide_features(path: PathLike, *, coords_columns: Optional[int] = None) -> SlideFeatures:
+    """Read one slide's features from ``.h5``, ``.npy`` or ``.pt``.
+
+    Args:
+        path: an ``h0mini embed`` ``.h5`` file (datasets ``features`` (n, d), optional ``coords``
+            and ``tile_names``), a ``.npy`` array (with the ``.npy.json`` sidecar ``h0mini embed``
+            writes, if any), or a ``.pt`` file holding a tensor or a dict with ``features`` (and
+            optionally ``coords``, ``tile_names``).
+        coords_columns: leading columns of a ``.npy``/``.pt`` array that are tile coordinates, not
+            features. Default: 3 for plism-benchmark's ``<slide>/features.npy`` (no sidecar), else 0.
+
+    Returns:
+        ``SlideFeatures`` with the features as stored (dtype kept), coordinates and tile names if
+        any, how many tiles were skipped when embedding, and the provenance's output mode. A
+        warning says when that mode is not ``"cls"`` (what the PLISM leaderboard uses).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        EvaluationInputError (a ValueError): unknown suffix, no ``features`` field, not a 2-D array,
+            or a ``.npy`` sidecar that does not describe the array.
+    """
+    slide = _read_slide_file(path, coords_columns)
+    message = _output_warning(slide, Path(path).stem)
+    if message:
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return slide
 
 
 def find_feature_files(folder: PathLike) -> Dict[str, Path]:
@@ -515,6 +609,20 @@ def find_feature_files(folder: PathLike) -> Dict[str, Path]:
     return found
 
 
+def _basename(tile_name: str) -> str:
+    return re.split(r"[\\/]", str(tile_name))[-1]
+
+
+def _tile_key(tile_name: str, slide: str) -> str:
+    """What must agree between slides: the file name, without the slide's own name in it.
+
+    Tiles of different slides live in different folders (``GM_P/tile_3.png``) or carry the slide
+    name (``GM_P_x224_y0.png``); the rest of the name identifies the tissue.
+    """
+    base = _basename(tile_name)
+    return base.replace(slide, "") if slide else base
+
+
 class _SlideStore:
     """Normalised features of each slide on the device, loaded on demand, at most ``capacity`` kept."""
 
@@ -527,7 +635,7 @@ class _SlideStore:
         kmax: int,
         chunk_size: int,
         tile_indices: Optional[np.ndarray],
-        coords_columns: int,
+        coords_columns: Optional[int],
         check_coords: bool,
         capacity: Optional[int],
     ):
@@ -542,37 +650,51 @@ class _SlideStore:
         self.capacity = capacity
         self.cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         self.self_top: Dict[str, torch.Tensor] = {}  # small: (n, kmax) per slide, kept for all
-        self.reference: Optional[Tuple[str, Tuple[int, int], Optional[np.ndarray]]] = None
+        self.reference: Optional[Tuple[str, Tuple[int, int]]] = None
+        self.reference_coords: Optional[Tuple[str, np.ndarray]] = None  # first slide with coordinates
+        self.reference_names: Optional[Tuple[str, List[str], List[str]]] = None  # first with tile names: keys, names
+        self.warned: set = set()  # one warning per kind and slide, and one per run for the output mode
 
     def _read(self, name: str) -> SlideFeatures:
         source = self.sources[name]
         if isinstance(source, SlideFeatures):
             return source
         if isinstance(source, (str, Path)):
-            return load_slide_features(source, coords_columns=self.coords_columns)
+            return _read_slide_file(source, self.coords_columns)
         if isinstance(source, Mapping):
             if "features" not in source:
                 raise EvaluationInputError(f"slide {name!r}: a mapping value needs a 'features' entry (keys: {sorted(source)})")
-            coords = source.get("coords")
+            coords, names = source.get("coords"), source.get("tile_names")
             features = _as_matrix(source["features"], name)
-            return SlideFeatures(features, None if coords is None else np.asarray(coords))
+            return SlideFeatures(
+                features, None if coords is None else np.asarray(coords), tile_names=None if names is None else _names(names)
+            )
         array = _as_matrix(source, name)
         if self.coords_columns:
             return SlideFeatures(array[:, self.coords_columns:], array[:, : self.coords_columns])
         return SlideFeatures(array)
+
+    def _warn_once(self, key: Any, message: str, stacklevel: int) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
 
     def get(self, name: str) -> torch.Tensor:
         if name in self.cache:
             self.cache.move_to_end(name)
             return self.cache[name]
         slide = self._read(name)
-        features, coords = _as_matrix(slide.features, name), slide.coords
+        message = _output_warning(slide, name)
+        if message:
+            self._warn_once("output", message + " (warned once per run)", stacklevel=3)  # evaluate_slides' caller
+        features, coords, names = _as_matrix(slide.features, name), slide.coords, slide.tile_names
+        for field_name, rows in (("coords", coords), ("tile_names", names)):
+            if rows is not None and len(rows) != features.shape[0]:
+                raise EvaluationInputError(
+                    f"slide {name!r}: field {field_name!r} has {len(rows)} rows but 'features' has {features.shape[0]}"
+                )
         if coords is not None:
             coords = np.asarray(coords)
-            if coords.shape[0] != features.shape[0]:
-                raise EvaluationInputError(
-                    f"slide {name!r}: field 'coords' has {coords.shape[0]} rows but 'features' has {features.shape[0]}"
-                )
         if self.tile_indices is not None:
             if len(features) <= int(self.tile_indices.max()):
                 raise EvaluationInputError(
@@ -580,7 +702,8 @@ class _SlideStore:
                 )
             features = features[self.tile_indices]
             coords = None if coords is None else coords[self.tile_indices]
-        self._check_registration(name, features.shape, coords)
+            names = None if names is None else [names[i] for i in self.tile_indices]
+        self._check_registration(name, features.shape, coords, names, slide)
         unit = prepare_features(features, name=name, precision=self.precision, device=self.device)
         if name not in self.self_top:
             self.self_top[name] = _self_top(unit, self.kmax, self.chunk_size)
@@ -590,28 +713,69 @@ class _SlideStore:
                 self.cache.popitem(last=False)
         return unit
 
-    def _check_registration(self, name: str, shape: Tuple[int, int], coords: Optional[np.ndarray]) -> None:
+    def _check_registration(
+        self,
+        name: str,
+        shape: Tuple[int, int],
+        coords: Optional[np.ndarray],
+        names: Optional[List[str]],
+        slide: SlideFeatures,
+    ) -> None:
         if self.reference is None:
-            self.reference = (name, tuple(shape), coords)
+            self.reference = (name, tuple(shape))
+        else:
+            _check_same_shape(self.reference[1], shape, (self.reference[0], name))
+        if slide.skipped and (not self.check_coords or (coords is None and names is None)):
+            why = "check_coords=False is set" if not self.check_coords else "it has no tile names or coordinates"
+            self._warn_once(
+                ("skipped", name),
+                f"slide {name!r} ({slide.source or 'in memory'}): {slide.skipped} tile(s) skipped when it was "
+                f"embedded (h0mini embed --on-error skip), and {why}, so nothing checks that its rows are the same "
+                f"tiles as the other slides'; the metrics are wrong if they are not. Re-embed the skipped tiles, or "
+                f"drop them from every slide",
+                stacklevel=4,
+            )
+        if not self.check_coords:
             return
-        ref_name, ref_shape, ref_coords = self.reference
-        _check_same_shape(ref_shape, shape, (ref_name, name))
-        if not self.check_coords or coords is None:
-            return
-        if ref_coords is None:  # coordinates are compared with the first slide that has them
-            self.reference = (name, ref_shape, coords)
-            return
-        if coords.shape != ref_coords.shape or not np.array_equal(coords, ref_coords):
-            if coords.shape != ref_coords.shape:
-                raise EvaluationInputError(
-                    f"slide {name!r}: field 'coords' has shape {coords.shape}, slide {ref_name!r} {ref_coords.shape}"
-                )
+        compared = False
+        if coords is not None:
+            if self.reference_coords is None:  # coordinates are compared with the first slide that has them
+                self.reference_coords = (name, coords)
+            else:
+                self._compare_coords(name, coords)
+                compared = True
+        if names is not None:
+            keys = [_tile_key(n, name) for n in names]
+            if self.reference_names is None:
+                self.reference_names = (name, keys, names)
+            elif not compared:  # equal coordinates already prove the rows match, whatever the file names
+                self._compare_names(name, keys, names)
+
+    def _compare_coords(self, name: str, coords: np.ndarray) -> None:
+        ref_name, ref_coords = self.reference_coords  # type: ignore[misc]
+        if coords.shape != ref_coords.shape:
+            raise EvaluationInputError(
+                f"slide {name!r}: field 'coords' has shape {coords.shape}, slide {ref_name!r} {ref_coords.shape}"
+            )
+        if not np.array_equal(coords, ref_coords):
             row = int(np.argwhere((coords != ref_coords).reshape(len(coords), -1).any(axis=1))[0][0])
             raise EvaluationInputError(
                 f"slide {name!r}: field 'coords' differs from slide {ref_name!r} at tile {row} "
                 f"({coords[row].tolist()} vs {ref_coords[row].tolist()}): the tiles are not registered "
                 f"(same tissue, same order) across slides; pass check_coords=False to compare anyway"
             )
+
+    def _compare_names(self, name: str, keys: List[str], names: List[str]) -> None:
+        ref_name, ref_keys, ref_names = self.reference_names  # type: ignore[misc]
+        row = next((i for i, (a, b) in enumerate(zip(keys, ref_keys)) if a != b), None)
+        if row is None:
+            return
+        raise EvaluationInputError(
+            f"slide {name!r}: field 'tile_names' differs from slide {ref_name!r} at tile {row} "
+            f"({_basename(names[row])!r} vs {_basename(ref_names[row])!r}): the tiles are not registered (same tissue, "
+            f"same order) across slides, e.g. a tile skipped by `h0mini embed --on-error skip` in one slide only; "
+            f"embed the same tiles for every slide, or pass check_coords=False to compare anyway"
+        )
 
 
 def _blocked_pairs(names: Sequence[str], block: int) -> Iterator[Tuple[str, str]]:
@@ -635,7 +799,7 @@ def evaluate_slides(
     chunk_size: int = 2048,
     device: Union[str, torch.device, None] = "auto",
     tile_indices: Optional[Sequence[int]] = None,
-    coords_columns: int = 0,
+    coords_columns: Optional[int] = None,
     check_coords: bool = True,
     max_slides_in_memory: Optional[int] = None,
     progress: Optional[bool] = None,
@@ -645,7 +809,7 @@ def evaluate_slides(
     Args:
         features: a folder of per-slide feature files (see ``find_feature_files``), or a mapping
             ``{slide_name: features}`` whose values are ``(n, d)`` arrays/tensors, dicts with
-            ``features`` (and optional ``coords``), ``SlideFeatures`` or file paths.
+            ``features`` (and optional ``coords``, ``tile_names``), ``SlideFeatures`` or file paths.
         ks: the k of the top-k accuracies.
         slide_pattern: regex with named groups ``staining`` and ``scanner`` (see ``parse_slide_name``).
         precision: ``"float16"`` (benchmark, default) or ``"float32"``.
@@ -653,9 +817,13 @@ def evaluate_slides(
         device: torch device for the arithmetic. Default ``"auto"``: CUDA when available, else CPU.
         tile_indices: use only these tiles of every slide (the leaderboard uses a fixed subset of
             8,139 of 16,278 tiles).
-        coords_columns: leading columns of bare arrays that are coordinates (plism-benchmark's
-            ``features.npy``: 3).
-        check_coords: when slides carry coordinates, require them to be identical.
+        coords_columns: leading columns of bare arrays that are coordinates. Default: 3 for
+            plism-benchmark's ``<slide>/features.npy`` files (no ``h0mini embed`` sidecar), else 0.
+            An explicit value applies to every file and in-memory array.
+        check_coords: require the slides' rows to be the same tiles: identical coordinates when
+            slides carry them, else identical tile file names (``h0mini embed`` records them;
+            folders and the slide's own name in the file name are ignored). A warning names a
+            slide whose file records skipped tiles that cannot be checked this way.
         max_slides_in_memory: keep at most this many slides' features on the device (at least 2).
             Default: all (91 x 8,139 x 768 float32 is 2.3 GB).
         progress: progress bar over pairs on stderr. Default: only when stderr is a terminal.
@@ -665,8 +833,8 @@ def evaluate_slides(
         ``cosine_similarity`` and ``top_{k}_accuracy`` per k.
 
     Raises:
-        EvaluationInputError (a ValueError): an unparsable slide name, mismatched tile counts or coordinates, NaN features
-            (all naming the slide), or bad arguments.
+        EvaluationInputError (a ValueError): an unparsable slide name, mismatched tile counts, coordinates or tile
+            names, NaN features (all naming the slide), or bad arguments.
         FileNotFoundError: the folder or a feature file does not exist.
     """
     if isinstance(features, (str, Path)):
@@ -686,6 +854,8 @@ def evaluate_slides(
         indices = np.asarray(tile_indices, dtype=np.int64)
         if indices.ndim != 1 or len(indices) == 0 or indices.min() < 0:
             raise EvaluationInputError("tile_indices must be a non-empty 1-D sequence of non-negative integers")
+    if coords_columns is not None and coords_columns < 0:
+        raise EvaluationInputError(f"coords_columns must be >= 0, got {coords_columns}")
     torch_device = resolve_device(device)
     ks = _check_ks(ks, sys.maxsize)  # k >= 1 now; k <= 2n - 1 once the tile count is known
     store = _SlideStore(

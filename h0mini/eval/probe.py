@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import EvaluationInputError
-from .plism import import_optional
+from .plism import import_optional, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ def make_split(
     training and testing (scikit-learn ``GroupShuffleSplit``; fractions then count groups).
 
     Returns:
-        Array of ``"train"``/``"val"``/``"test"`` strings, one per sample.
+        Array of ``"train"``/``"val"``/``"test"`` strings, one per sample. A warning names any
+        class left out of a split (classes of one or two samples, or a group split).
 
     Raises:
         EvaluationInputError (a ValueError): fractions out of range, or too few samples or groups to split.
@@ -143,6 +144,7 @@ def make_split(
     n = len(labels)
     index = np.arange(n)
     split = np.full(n, "train", dtype=object)
+    classes, counts = np.unique(labels, return_counts=True)
     if groups is not None:
         groups = _vector(groups, n, "groups")
         n_groups = len(np.unique(groups))
@@ -153,24 +155,53 @@ def make_split(
         inner = model_selection.GroupShuffleSplit(
             n_splits=1, test_size=val_fraction / (1 - test_fraction), random_state=seed + 1
         )
-        train, val = next(inner.split(rest, groups=groups[rest]))
+        _, val = next(inner.split(rest, groups=groups[rest]))
         split[index[test]] = "test"
         split[rest[val]] = "val"
-        return split.astype(str)
-    _, counts = np.unique(labels, return_counts=True)
+        return _warn_missing_classes(split.astype(str), labels, classes, counts)
     stratify = labels if counts.min() >= 3 else None
     if stratify is None:
         logger.warning("some class has fewer than 3 samples; the split is not stratified")
-    rest, test = model_selection.train_test_split(index, test_size=test_fraction, random_state=seed, stratify=stratify)
-    train, val = model_selection.train_test_split(
-        rest,
-        test_size=val_fraction / (1 - test_fraction),
-        random_state=seed + 1,
-        stratify=None if stratify is None else labels[rest],
-    )
+    try:
+        rest, test = model_selection.train_test_split(index, test_size=test_fraction, random_state=seed, stratify=stratify)
+        _, val = model_selection.train_test_split(
+            rest,
+            test_size=val_fraction / (1 - test_fraction),
+            random_state=seed + 1,
+            stratify=None if stratify is None else labels[rest],
+        )
+    except ValueError as error:  # scikit-learn: a split smaller than the number of classes, or empty
+        raise EvaluationInputError(
+            f"cannot split {n} samples of {len(classes)} classes with test_fraction={test_fraction} and "
+            f"val_fraction={val_fraction}: each split needs at least one sample per class ({error}). Class counts: "
+            f"{_class_counts(classes, counts)}. Use more samples per class, larger fractions, or pass split= yourself"
+        ) from None
     split[test] = "test"
     split[val] = "val"
-    return split.astype(str)
+    return _warn_missing_classes(split.astype(str), labels, classes, counts)
+
+
+def _class_counts(classes: np.ndarray, counts: np.ndarray, limit: int = 20) -> str:
+    """``{class: count}`` of the smallest classes (the ones a split runs short of), at most ``limit``."""
+    order = np.argsort(counts, kind="stable")[:limit]
+    shown = {classes[i].item() if hasattr(classes[i], "item") else classes[i]: int(counts[i]) for i in order}
+    return f"{shown}" + (f" and {len(classes) - limit} larger classes" if len(classes) > limit else "")
+
+
+def _warn_missing_classes(split: np.ndarray, labels: np.ndarray, classes: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Warn about classes absent from a split: their test recall, or their early stopping, is then missing."""
+    for cls, count in zip(classes, counts):
+        missing = [part for part in SPLITS if not (labels[split == part] == cls).any()]
+        if missing:
+            warnings.warn(
+                f"class {cls.item() if hasattr(cls, 'item') else cls!r} ({int(count)} samples) has no sample in "
+                f"split(s) {missing}: balanced accuracy there leaves it out"
+                + (" and no probe learns it" if "train" in missing else "")
+                + ". Add samples of it or pass split= yourself",
+                UserWarning,
+                stacklevel=3,
+            )
+    return split
 
 
 def _resolve_split(
@@ -300,7 +331,7 @@ def linear_probe(
         batch_size, lr, weight_decay: AdamW settings. Defaults: 256, 3e-4, 0.01.
         eval_every: steps between validation checks.
         patience: stop after this many steps without a better validation balanced accuracy.
-        device: torch device. Default: CPU.
+        device: torch device, or ``"auto"`` (CUDA when available). Default: CPU.
 
     Returns:
         ``ProbeResult`` with the test balanced accuracy mean and std (``ddof=0``) over seeds, and
@@ -321,7 +352,7 @@ def linear_probe(
     if len(classes) < 2:
         raise EvaluationInputError(f"labels must have at least 2 classes, got {classes.tolist()}")
     split = _resolve_split(labels, split, groups, need_val=True, seed=int(seeds[0]))
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = resolve_device(device)
     x = {s: torch.from_numpy(x_all[split == s]).to(device) for s in SPLITS}
     y = {s: torch.from_numpy(codes[split == s]).to(device) for s in SPLITS}
     scores, val_scores, steps = [], [], []
@@ -467,7 +498,7 @@ def robustness_index(
             biology and centre trivially). Default: only the sample itself is excluded.
         k: neighbours per sample (cosine similarity).
         chunk_size: rows per similarity block.
-        device: torch device. Default: CPU.
+        device: torch device, or ``"auto"`` (CUDA when available). Default: CPU.
 
     Returns:
         ``RobustnessIndex(ri, so, os, k, n)``; ``ri`` in [0, 1], above 0.5 biology dominates.
@@ -483,7 +514,7 @@ def robustness_index(
     slides = _vector(slides, n, "slides")
     if k < 1:
         raise EvaluationInputError(f"k must be >= 1, got {k}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = resolve_device(device)
     _, label_codes = encode_labels(labels)
     _, centre_codes = encode_labels(centres)
     slide_codes = encode_labels(slides)[1] if slides is not None else np.arange(n)

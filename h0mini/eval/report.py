@@ -15,7 +15,6 @@ with all its variants).
 from __future__ import annotations
 
 import glob
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +24,9 @@ import numpy as np
 from PIL import Image
 
 from ..errors import EvaluationInputError, InvalidTileError
+from ..tiles import open_image, to_rgb
 from .perturb import PERTURBATIONS, Perturbation, get_perturbation
 from .plism import TOP_K, _progress_bar, import_optional, metric_names, pair_metrics
-
-logger = logging.getLogger(__name__)
 
 EmbedFn = Callable[[List[Image.Image]], Any]
 """``embed_fn(list_of_PIL_RGB_images) -> (N, D)`` array, one row per image, in order."""
@@ -57,12 +55,18 @@ class RobustnessReport:
 # Tiles
 
 
-def load_tiles(tiles: Any) -> Tuple[List[Image.Image], List[str]]:
-    """Read tiles as RGB PIL images with a name each.
+def load_tiles(tiles: Any, *, max_tiles: Optional[int] = None) -> Tuple[List[Image.Image], List[str]]:
+    """Read tiles as RGB PIL images with a name each, by the rules ``h0mini.embed_tiles`` uses.
+
+    Images are read as ``h0mini.tiles.to_rgb`` reads them (alpha composited on white, which is
+    glass in a slide; 16-bit grey scaled to 8 bits), so that the report sees the pixels the
+    model is given elsewhere.
 
     Args:
         tiles: a folder (its image files, sorted, not recursive), an image file, a glob pattern,
             a PIL image, a uint8 ``(H, W, 3)`` array, or a sequence of any of these.
+        max_tiles: keep only the first ``max_tiles`` tiles. Paths are expanded (and checked)
+            first, but only the kept files are decoded.
 
     Returns:
         ``(images, names)``; names are file names, or ``tile_<i>`` for in-memory images.
@@ -71,28 +75,36 @@ def load_tiles(tiles: Any) -> Tuple[List[Image.Image], List[str]]:
         InvalidTileError (a ValueError): a path matches nothing, a file is not a readable image, an
             array is not uint8 RGB, or no tiles at all.
     """
+    if max_tiles is not None and max_tiles < 1:
+        raise EvaluationInputError(f"max_tiles must be >= 1, got {max_tiles}")
     items = [tiles] if isinstance(tiles, (str, os.PathLike, Image.Image, np.ndarray)) else list(tiles)
-    images: List[Image.Image] = []
-    names: List[str] = []
+    expanded: List[Any] = []
     for item in items:
         if isinstance(item, (str, os.PathLike)):
-            for path in _expand(Path(item)):
-                try:
-                    with Image.open(path) as image:
-                        images.append(image.convert("RGB"))
-                except OSError as error:
-                    raise InvalidTileError(f"not a readable image ({error})", index=len(names), source=str(path)) from error
-                names.append(path.name)
-        elif isinstance(item, Image.Image):
-            images.append(item.convert("RGB"))
-            names.append(f"tile_{len(names)}")
-        elif isinstance(item, np.ndarray):
-            if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
-                raise InvalidTileError(f"arrays must be uint8 RGB (H, W, 3), got {item.dtype} {item.shape}", index=len(names))
-            images.append(Image.fromarray(item))
-            names.append(f"tile_{len(names)}")
+            expanded.extend(_expand(Path(item)))
+        elif isinstance(item, (Image.Image, np.ndarray)):
+            expanded.append(item)
         else:
-            raise InvalidTileError(f"expected a path, PIL image or uint8 array, got {type(item).__name__}", index=len(names))
+            raise InvalidTileError(f"expected a path, PIL image or uint8 array, got {type(item).__name__}", index=len(expanded))
+    if max_tiles is not None:
+        expanded = expanded[:max_tiles]
+    images: List[Image.Image] = []
+    names: List[str] = []
+    for index, item in enumerate(expanded):
+        if isinstance(item, Path):
+            try:
+                images.append(open_image(str(item)))
+            except InvalidTileError as error:
+                raise InvalidTileError(error.reason, index=index, source=str(item)) from None
+            names.append(item.name)
+        elif isinstance(item, Image.Image):
+            images.append(to_rgb(item))
+            names.append(f"tile_{index}")
+        else:
+            if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
+                raise InvalidTileError(f"arrays must be uint8 RGB (H, W, 3), got {item.dtype} {item.shape}", index=index)
+            images.append(Image.fromarray(item))
+            names.append(f"tile_{index}")
     if not images:
         raise InvalidTileError("no tiles given")
     return images, names
