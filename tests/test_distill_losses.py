@@ -171,3 +171,33 @@ def test_schedules_by_iteration():
     assert all(s[i] >= s[i + 1] for i in range(2, 9))
     t = WarmupConstant(0.04, 0.07, warmup=3)
     assert [t[0], t[3], t[1000]] == pytest.approx([0.04, 0.07, 0.07])
+
+
+def test_parameter_groups_follow_dinov2():
+    """Layer-wise lr decay from the head down, patch-embed multiplier, no weight decay on norms, biases
+    and LayerScale (DINOv2's rule), and the prototypes marked for freeze_last_layer."""
+    from h0mini.distill.config import load_config
+    from h0mini.distill.meta_arch import StudentWithHeads, build_student
+    from h0mini.distill.train import param_groups
+
+    config = load_config(None, [
+        "data.sources=[x]", "student.arch=h0mini_test", "objective.dinov2=1", "objective.feature=1",
+        "dinov2.n_prototypes=32", "dinov2.hidden_dim=16", "dinov2.bottleneck_dim=8", "feature.projector_hidden_dim=16",
+        "optim.layerwise_decay=0.5", "optim.patch_embed_lr_mult=0.2"])
+    trainable = StudentWithHeads(config, build_student(config), teacher_dim=48)
+    by_name = {n: g for g in param_groups(trainable, config) for n in g["names"]}
+    assert len(by_name) == sum(1 for p in trainable.parameters() if p.requires_grad)  # every parameter, once
+    depth = len(trainable.student.blocks)  # 2: ids 0 (embeddings), 1-2 (blocks), 3 (final norm)
+    assert by_name["student.cls_token"]["lr_scale"] == pytest.approx(0.5 ** (depth + 1))
+    assert by_name["student.patch_embed.proj.weight"]["lr_scale"] == pytest.approx(0.5 ** (depth + 1) * 0.2)
+    assert by_name["student.blocks.0.attn.qkv.weight"]["lr_scale"] == pytest.approx(0.5 ** depth)
+    assert by_name["student.blocks.1.attn.qkv.weight"]["lr_scale"] == pytest.approx(0.5)
+    assert by_name["student.norm.weight"]["lr_scale"] == by_name["dino_head.mlp.0.weight"]["lr_scale"] == 1.0
+    for name in ("student.blocks.0.attn.qkv.weight", "dino_head.mlp.0.weight", "dino_head.last_layer.weight_v",
+                 "student.cls_token"):  # DINOv2 decays the tokens too
+        assert by_name[name]["wd_scale"] == 1.0, name
+    for name in ("student.blocks.0.norm1.weight", "student.blocks.0.attn.qkv.bias", "student.blocks.0.ls1.gamma",
+                 "dino_head.mlp.0.bias"):
+        assert by_name[name]["wd_scale"] == 0.0, name
+    assert by_name["dino_head.last_layer.weight_v"]["last_layer"] and by_name["dino_head.last_layer.weight_g"]["last_layer"]
+    assert not by_name["dino_head.mlp.0.weight"]["last_layer"]
