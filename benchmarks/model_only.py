@@ -29,7 +29,8 @@ def forward_runner(model, device, precision, batch_size, compile_model=False, ex
     forward = ModelForward(model, device, dtype, compile=compile_model)
     if explicit_attention is not None:
         forward.explicit_attention = explicit_attention
-    x = torch.randn(batch_size, 3, 224, 224, device=device)
+    with torch.inference_mode():  # as embed_tiles' inputs: compiled graphs are specialised on it
+        x = torch.randn(batch_size, 3, 224, 224, device=device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     def run():

@@ -119,8 +119,9 @@ def embed_tiles(
             recompiled if they change). Worth it from a few thousand tiles; falls back to eager
             mode with a warning where compilation fails.
         jpeg_decode: ``"cpu"`` (Pillow, in the workers) or ``"device"``: JPEG files at the model's
-            input size are decoded by torchvision on the model's device, nvJPEG on CUDA (workers
-            only read bytes). Other files, and JPEGs the device decoder rejects, use Pillow.
+            input size are decoded on the model's device, nvJPEG on CUDA, by torchcodec
+            (``h0mini[jpeg]``) or torchvision (workers only read bytes). Other files, and JPEGs
+            the device decoder rejects or that carry an EXIF rotation, use Pillow.
 
     Returns:
         ``(N, D)`` array (``(N, 256, D)`` for ``"patch_tokens"``, a dict for ``"all"``), rows in input
@@ -223,6 +224,7 @@ class TileEmbedder:
     def iter_batches(self, source: Any, *, on_error: str = "raise") -> Iterator[EmbeddedBatch]:
         """Embed batch by batch; with ``on_error="raise"`` the first bad tile stops the run."""
         source = source if hasattr(source, "all_paths") else read_input(source)
+        self._forward.start_run()
         batches = self._prepared_batches(source)
         with contextlib.closing(batches):  # stops the prefetch thread or DataLoader workers on early exit
             yield from self._embed_batches(batches, on_error)

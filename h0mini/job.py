@@ -143,7 +143,9 @@ def job_settings(embedder: TileEmbedder) -> Dict[str, Any]:
         "precision": embedder.precision,
         "weights_dtype": str(embedder.weights_dtype).replace("torch.", ""),
         "preprocessing": embedder.preprocessing.describe(),
-        "jpeg_decode": embedder.jpeg_decode,  # nvJPEG's pixels differ from Pillow's by a level here and there
+        # Recorded, not a resume key: nvJPEG's pixels differ from Pillow's by a level here and there,
+        # below bf16's noise, and on a CPU the two decoders agree exactly.
+        "jpeg_decode": embedder.jpeg_decode,
     }
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 JPEG_DECODERS = ("cpu", "device")
+EXIF_ORIENTATION = 0x0112
 
 
 class EncodedJpeg(NamedTuple):
@@ -40,6 +41,8 @@ def read_encoded(path: str, preprocessing: "Preprocessing") -> Optional[EncodedJ
         with Image.open(path) as image:  # reads the header only
             fits = image.format == "JPEG" and image.mode in ("RGB", "L") and preprocessing.size is not None
             fits = fits and not preprocessing.needs_resize(image.height, image.width)
+            # torchcodec applies an EXIF rotation, Pillow (h0mini's CPU path) does not: keep one answer.
+            fits = fits and image.getexif().get(EXIF_ORIENTATION, 1) == 1
     except Exception:  # noqa: BLE001 - unreadable here: the Pillow path reports it properly
         return None
     if not fits:

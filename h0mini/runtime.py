@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import warnings
 import weakref
 from typing import Callable, Iterator, Optional, Tuple, Union
@@ -64,7 +65,8 @@ class ModelForward:
 
     Callable on a normalised ``(B, 3, H, W)`` batch; returns the token tensor. With
     ``compile=True`` a batch smaller than ``pad_to`` is padded so that the compiled graph
-    (static shapes) is reused instead of recompiled for the last, shorter batch.
+    (static shapes) is reused instead of recompiled for the last, shorter batch. Call
+    ``start_run()`` before each pass over a dataset: frozen weights are checked then.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, compute_dtype: Optional[torch.dtype],
@@ -73,6 +75,10 @@ class ModelForward:
         self.explicit_attention = prefers_explicit_attention(device, compute_dtype)
         self._attention = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
         self.compiled = _CompiledFeatures(model, freeze=device.type == "cpu") if compile else None
+
+    def start_run(self) -> None:
+        if self.compiled is not None:
+            self.compiled.check_weights = True
 
     def __call__(self, x: torch.Tensor, pad_to: Optional[int] = None) -> torch.Tensor:
         with self._attention_kernel():
@@ -88,31 +94,47 @@ class ModelForward:
 
     @contextlib.contextmanager
     def _attention_kernel(self) -> Iterator[None]:
-        """Switch timm attention blocks to the explicit path for this call only: the model stays the user's."""
+        """Switch timm attention blocks to the explicit path for this call only: the model stays the user's.
+
+        The lock keeps two threads embedding with one model from restoring each other's switch
+        in the wrong order (which would leave the model switched); on a CPU they gain nothing
+        from running their forward passes at the same time anyway.
+        """
         if not self.explicit_attention or not self._attention:
             yield
             return
-        saved = [m.fused_attn for m in self._attention]
-        for module in self._attention:
-            module.fused_attn = False
-        try:
-            yield
-        finally:
-            for module, fused in zip(self._attention, saved):
-                module.fused_attn = fused
+        with _ATTENTION_SWITCH:
+            saved = [m.fused_attn for m in self._attention]
+            for module in self._attention:
+                module.fused_attn = False
+            try:
+                yield
+            finally:
+                for module, fused in zip(self._attention, saved):
+                    module.fused_attn = fused
+
+
+_ATTENTION_SWITCH = threading.RLock()
 
 
 def features_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return model.forward_features if hasattr(model, "forward_features") else model
 
 
-_WeightsState = Tuple[Tuple[int, int], ...]
+_WeightsState = Tuple[Tuple[int, float], ...]
 
 
+@torch.no_grad()
 def _weights_state(model: torch.nn.Module) -> _WeightsState:
-    """Storage and in-place version of every parameter and buffer: changes whenever a weight does."""
+    """Storage and value sum of every parameter and buffer: changes whenever a weight does.
+
+    Values, not version counters: ``p.data.mul_()`` (EMA updates, hand-made fine-tuning) and
+    inference-mode tensors leave the counter alone. One pass over the weights (tens of ms for
+    H0-mini), so it runs once per pass over a dataset, not per batch.
+    """
     tensors = [*model.parameters(), *model.buffers()]
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+    return tuple((t.data_ptr(), float(t.sum(dtype=torch.float64)) if t.is_floating_point() else float(t.sum()))
+                 for t in tensors)
 
 
 class _CompiledFeatures:
@@ -120,31 +142,35 @@ class _CompiledFeatures:
 
     Dynamo caches compiled graphs per model across wrappers, so embedders of one model share
     one compilation. With frozen weights that cache would silently keep old weights after an
-    in-place update (fine-tuning between calls): the weights' state is remembered per model
-    and a change resets dynamo before the next call. A compiler failure (no C++ compiler,
-    unsupported op) is a warning and the forward pass falls back to eager mode: a speed
-    option never stops a job.
+    update between two runs (fine-tuning, EMA): the weights' state is remembered per model and
+    a change resets dynamo (every compiled function of the process recompiles on its next call).
+    A compiler failure (no C++ compiler) is a warning and the forward pass falls back to eager
+    mode: a speed option never stops a job.
     """
 
     def __init__(self, model: torch.nn.Module, freeze: bool):
         self.model = model
         self.freeze = freeze
         self.failed = False
+        self.check_weights = True
         self._fn = torch.compile(features_fn(model), dynamic=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.failed:
             return features_fn(self.model)(x)
-        if self.freeze:
+        if self.freeze and self.check_weights:
+            self.check_weights = False
+            state = _weights_state(self.model)
             frozen = _FROZEN_WEIGHTS.get(self.model)
-            if frozen is not None and frozen != _weights_state(self.model):
+            if frozen is not None and frozen != state:
                 logger.info("model weights changed since torch.compile froze them: compiling again")
                 torch._dynamo.reset()  # the frozen constants live in dynamo's cache
                 self._fn = torch.compile(features_fn(self.model), dynamic=False)
+            _FROZEN_WEIGHTS[self.model] = state
         try:
             with self._freezing():
-                tokens = self._fn(x)
-        except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, say why
+                return self._fn(x)
+        except Exception as error:  # noqa: BLE001 - a compiler failure: fall back, say why
             if not _is_compiler_error(error):
                 raise
             self.failed = True
@@ -155,9 +181,6 @@ class _CompiledFeatures:
                 stacklevel=4,
             )
             return features_fn(self.model)(x)
-        if self.freeze:
-            _FROZEN_WEIGHTS[self.model] = _weights_state(self.model)
-        return tokens
 
     def _freezing(self) -> contextlib.AbstractContextManager:
         if not self.freeze:
@@ -174,5 +197,8 @@ _FROZEN_WEIGHTS: "weakref.WeakKeyDictionary[torch.nn.Module, _WeightsState]" = w
 
 
 def _is_compiler_error(error: Exception) -> bool:
-    module = type(error).__module__
-    return module.startswith(("torch._dynamo", "torch._inductor")) or "compile" in type(error).__name__.lower()
+    """The backend failed (inductor, its C++ toolchain), not the model: errors of the model's own
+    code while tracing (a wrong input shape) come as dynamo's TorchRuntimeError and are re-raised."""
+    import torch._dynamo.exc as dynamo_errors
+
+    return isinstance(error, dynamo_errors.BackendCompilerFailed) or type(error).__module__.startswith("torch._inductor")

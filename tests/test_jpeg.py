@@ -73,6 +73,18 @@ def test_device_decoding_gives_the_cpu_paths_numbers(tiny, jpeg_folder, device_d
     assert names == ["a0.jpg", "a1.jpg", "a2.jpg", "a3.jpg", "a4.jpg", "c_gray.jpg"]  # not the 300 px one, not the PNG
 
 
+def test_a_jpeg_with_an_exif_rotation_stays_on_the_pillow_path(tiny, tmp_path, device_decodes):
+    """torchcodec would rotate it, Pillow (h0mini's CPU path) does not: one tile, one answer."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.open(EXAMPLE_TILES[0]).convert("RGB").save(tmp_path / "rotated.jpg", quality=90, exif=exif)
+    Image.open(EXAMPLE_TILES[1]).convert("RGB").save(tmp_path / "plain.jpg", quality=90)
+    cpu = h0mini.embed_tiles(tmp_path, tiny, precision="fp32", num_workers=0)
+    device = h0mini.embed_tiles(tmp_path, tiny, precision="fp32", num_workers=0, jpeg_decode="device")
+    np.testing.assert_array_equal(device, cpu)
+    assert [p.rsplit("/", 1)[-1] for p in device_decodes] == ["plain.jpg"]
+
+
 def truncated_copy(source, target):
     data = source.read_bytes()
     target.write_bytes(data[: len(data) // 2])  # header intact: only the decoder can tell

@@ -74,17 +74,39 @@ def test_compile_matches_eager_pads_the_last_batch_and_follows_weight_changes(ti
     1e-4 on values of order 1. The frozen graph must not keep old weights after an in-place update."""
     model = make_model()
     eager = h0mini.embed_tiles(tiles, model, precision="fp32", batch_size=2)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = h0mini.embed_tiles(tiles, model, precision="fp32", batch_size=2, compile=True)  # 2 + 2 + 1 padded
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # the short batch reused it
     assert compiled.shape == eager.shape == (5, 96)
     assert np.abs(compiled - eager).max() < 1e-4
 
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.qkv.weight.mul_(1.5)  # as fine-tuning between two calls would (linear weights get frozen)
-    eager_after = h0mini.embed_tiles(tiles, model, precision="fp32", batch_size=2)
-    compiled_after = h0mini.embed_tiles(tiles, model, precision="fp32", batch_size=2, compile=True)
-    assert np.abs(eager_after - eager).max() > 1e-2  # the change matters
-    assert np.abs(compiled_after - eager_after).max() < 1e-4
+    embedder = h0mini.TileEmbedder(model, precision="fp32", batch_size=2, compile=True)
+    for update in (lambda w: w.mul_(1.5), lambda w: w.data.mul_(1.5)):  # the second leaves no version trace
+        with torch.no_grad():
+            for block in model.blocks:
+                update(block.attn.qkv.weight)  # as fine-tuning or an EMA between two calls would
+        eager_after = h0mini.embed_tiles(tiles, model, precision="fp32", batch_size=2)
+        compiled_after = np.concatenate([b.features["cls+mean"].numpy() for b in embedder.iter_batches(tiles)])
+        assert np.abs(eager_after - eager).max() > 1e-2  # the change matters
+        assert np.abs(compiled_after - eager_after).max() < 1e-4  # linear weights are frozen: they were refreshed
+
+
+@needs_cxx
+def test_compile_works_on_a_model_built_in_inference_mode(tiles):
+    with torch.inference_mode():
+        model = make_model()  # inference tensors: no version counters to read
+    eager = h0mini.embed_tiles(tiles[:2], model, precision="fp32")
+    compiled = h0mini.embed_tiles(tiles[:2], model, precision="fp32", compile=True)
+    assert np.abs(compiled - eager).max() < 1e-4
+
+
+def test_an_error_of_the_model_itself_is_not_taken_for_a_compiler_failure():
+    forward = ModelForward(make_model(), torch.device("cpu"), None, compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "torch.compile failed on this machine"
+        with pytest.raises(RuntimeError):
+            forward(torch.zeros(1, 5, 224, 224))  # 5 channels: the patch embedding refuses them
+    assert forward.compiled is not None and not forward.compiled.failed
 
 
 @needs_cxx
