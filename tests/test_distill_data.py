@@ -149,6 +149,25 @@ def test_gzipped_shards_rgba_tiles_and_a_vanished_dataset(tmp_path):
         next(iter(stream))
 
 
+def test_a_resume_after_an_unreadable_shard_sample_replays_exactly(tmp_path):
+    tiles = _tiles(12)
+    for s in range(2):
+        with tarfile.open(tmp_path / f"tiles-{s:04d}.tar", "w") as tar:
+            for j in range(6):
+                buffer = io.BytesIO()
+                Image.fromarray(tiles[s * 6 + j]).save(buffer, format="PNG")
+                data = buffer.getvalue() if (s, j) != (0, 1) else b"not a png"  # one corrupt sample
+                info = tarfile.TarInfo(f"s{s}_{j:03d}.png")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    sources = Sources(files=[], shards=resolve_sources([str(tmp_path / "tiles-*.tar")]).shards)
+    full = list(_stream(sources, batch=2, start=0, end=6))
+    for start in (2, 4):  # past the corrupt sample, wherever the shuffle put it
+        resumed = list(_stream(sources, batch=2, start=start, end=6))
+        for a, b in zip(full[start:], resumed):
+            assert torch.equal(a["indices"], b["indices"]) and torch.equal(a["global_crops"], b["global_crops"])
+
+
 def _take(iterator, n):
     return [next(iterator) for _ in range(n)]
 

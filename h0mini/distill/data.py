@@ -210,6 +210,7 @@ class Shard:
         self.names: List[str] = []
         self._members: List[tarfile.TarInfo] = []
         self._data: List[bytes] = []
+        self._first_readable: Optional[torch.Tensor] = None
         if _is_url(url):
             with _open_remote(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for member in tar:
@@ -227,6 +228,19 @@ class Shard:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def first_readable(self) -> torch.Tensor:
+        """The stand-in for an unreadable sample (decoded once per shard)."""
+        if self._first_readable is None:
+            for _, data in self.read(range(len(self))):
+                try:
+                    self._first_readable = decode(data, self.url)
+                    break
+                except (OSError, ValueError):
+                    continue
+            else:
+                raise ConfigError("data.sources", f"no sample of the shard {self.url!r} can be read")
+        return self._first_readable
 
     def read(self, indices: Sequence[int]) -> Iterator[Tuple[int, bytes]]:
         if self._data:
@@ -317,8 +331,11 @@ class TileStream(IterableDataset):
                     try:
                         tile = decode(data, shard.url)
                     except (OSError, ValueError) as error:
-                        logger.warning("skipping unreadable sample %r of %r: %s", shard.names[i], shard.url, error)
-                        continue
+                        # One sample per position, readable or not: a resume skips positions and must
+                        # land on the same sample as the uninterrupted stream.
+                        logger.warning("unreadable sample %r of %r (%s): using the shard's first readable tile",
+                                       shard.names[i], shard.url, error)
+                        tile = shard.first_readable()
                     yield tile, mix(self.seed, epoch, shard_index, i), shard_index * (1 << 32) + i
             epoch += 1
 
