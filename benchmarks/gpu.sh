@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # Every benchmark on CUDA in one run (budget: under 8 minutes on one H100), then the GPU tests.
 #   bash benchmarks/gpu.sh 2>&1 | tee gpu-results.txt
+# On a lent GPU machine (python3 there has torch, timm, h5py, safetensors; nothing can be fetched):
+#   here, once:  bash benchmarks/gpu_wheels.sh          (torchcodec for nvJPEG, into .whl/)
+#   there:       run with carry [".whl"] and the command
+#     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+#       PYTHONPATH=/tmp/site bash benchmarks/gpu.sh 2>&1 | tee $OUT/gpu-results.txt
 set -euo pipefail
 cd "$(dirname "$0")"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$(cd .. && pwd)${PYTHONPATH:+:$PYTHONPATH}"  # h0mini from this checkout, installed or not
+PY="${PYTHON:-python3}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python model_only.py --device cuda --precisions fp16 bf16 fp32 --batch-sizes 64 128 256 512
-python model_only.py --device cuda --precisions fp16 --batch-sizes 256 --compile
-python end_to_end.py --device cuda --tiles 4096 --formats png:224 jpg:224 png:256
-python end_to_end.py --device cuda --tiles 4096 --formats jpg:224 --jpeg-decode device
-python precision_parity.py --device cuda --tiles 64
-python memory.py --device cuda --model h0_mini --tiles 20000
-python -m pytest ../tests -m gpu -q -p no:cacheprovider
+"$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
+"$PY" model_only.py --device cuda --precisions fp16 bf16 fp32 --batch-sizes 64 128 256 512
+"$PY" model_only.py --device cuda --precisions fp16 --batch-sizes 256 --compile
+"$PY" end_to_end.py --device cuda --tiles 4096 --formats png:224 jpg:224 png:256
+"$PY" end_to_end.py --device cuda --tiles 4096 --formats jpg:224 --jpeg-decode device
+"$PY" precision_parity.py --device cuda --tiles 64
+"$PY" memory.py --device cuda --model h0_mini --tiles 20000
+"$PY" -m pytest ../tests/test_embed.py ../tests/test_jpeg.py ../tests/test_eval_plism.py -m gpu -q -p no:cacheprovider

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Wheels the lent GPU machines lack (Python 3.12, torch 2.11 there), into .whl/ (git-ignored):
+# torchcodec, for jpeg_decode="device" (nvJPEG). See benchmarks/gpu.sh for how they travel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    -d .whl "torchcodec==0.16.0"   # 0.16: the first with image decoding; it supports torch >= 2.11
+ls -la .whl
