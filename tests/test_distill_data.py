@@ -28,20 +28,29 @@ def tile_folder(tmp_path_factory):
     return folder
 
 
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(folder, n_shards: int, per_shard: int, *, json_sidecars: bool = False, corrupt=()):
+    """WebDataset-style tar shards of random PNG tiles; samples ``(shard, j)`` in ``corrupt`` hold garbage."""
+    tiles = _tiles(n_shards * per_shard)
+    for s in range(n_shards):
+        with tarfile.open(folder / f"tiles-{s:04d}.tar", "w") as tar:
+            for j in range(per_shard):
+                buffer = io.BytesIO()
+                Image.fromarray(tiles[s * per_shard + j]).save(buffer, format="PNG")
+                _add(tar, f"s{s}_{j:03d}.png", b"not a png" if (s, j) in corrupt else buffer.getvalue())
+                if json_sidecars:
+                    _add(tar, f"s{s}_{j:03d}.json", b"{}")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shards")
-    tiles = _tiles(24)
-    for s in range(4):
-        with tarfile.open(folder / f"tiles-{s:04d}.tar", "w") as tar:
-            for j in range(6):
-                buffer = io.BytesIO()
-                Image.fromarray(tiles[s * 6 + j]).save(buffer, format="PNG")
-                for name, data in ((f"s{s}_{j:03d}.png", buffer.getvalue()), (f"s{s}_{j:03d}.json", b"{}")):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    return folder
+    return write_shards(tmp_path_factory.mktemp("shards"), 4, 6, json_sidecars=True)
 
 
 def _stream(sources, *, rank=0, world=1, batch=2, start=0, end=10, workers=1, masks=False):
@@ -132,9 +141,7 @@ def test_gzipped_shards_rgba_tiles_and_a_vanished_dataset(tmp_path):
     rgba.save(buffer, format="PNG")
     with tarfile.open(tmp_path / "tiles-000.tar.gz", "w:gz") as tar:
         for j in range(3):
-            info = tarfile.TarInfo(f"t{j}.png")
-            info.size = len(buffer.getvalue())
-            tar.addfile(info, io.BytesIO(buffer.getvalue()))
+            _add(tar, f"t{j}.png", buffer.getvalue())
     shard = Shard(resolve_sources([str(tmp_path / "tiles-*.tar.gz")]).shards[0])
     assert len(shard) == 3
     (_, data), *_ = shard.read([0])
@@ -150,16 +157,7 @@ def test_gzipped_shards_rgba_tiles_and_a_vanished_dataset(tmp_path):
 
 
 def test_a_resume_after_an_unreadable_shard_sample_replays_exactly(tmp_path):
-    tiles = _tiles(12)
-    for s in range(2):
-        with tarfile.open(tmp_path / f"tiles-{s:04d}.tar", "w") as tar:
-            for j in range(6):
-                buffer = io.BytesIO()
-                Image.fromarray(tiles[s * 6 + j]).save(buffer, format="PNG")
-                data = buffer.getvalue() if (s, j) != (0, 1) else b"not a png"  # one corrupt sample
-                info = tarfile.TarInfo(f"s{s}_{j:03d}.png")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    write_shards(tmp_path, 2, 6, corrupt={(0, 1)})
     sources = Sources(files=[], shards=resolve_sources([str(tmp_path / "tiles-*.tar")]).shards)
     full = list(_stream(sources, batch=2, start=0, end=6))
     for start in (2, 4):  # past the corrupt sample, wherever the shuffle put it
