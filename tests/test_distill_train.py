@@ -220,6 +220,16 @@ def test_teacher_heads_from_a_checkpoint(assets):
     assert all(torch.equal(saved[k], v) for k, v in head.state_dict().items())  # loaded, and frozen
     assert "checkpoint" in (out / "export" / "README.md").read_text()
 
+    # and used: other head weights, everything else equal, train another student
+    torch.manual_seed(6)
+    other = DINOHead(48, 128, hidden_dim=40, bottleneck_dim=16, nlayers=2)
+    save_file({f"dino_head.{k}": v.contiguous() for k, v in other.state_dict().items()}, str(heads))
+    out_other = assets["root"] / "with_other_heads"
+    assert main(_args(assets, out_other, *extra)) == 0
+    a = _state(out / "checkpoints" / "step_00000002.pt")["trainable"]
+    b = _state(out_other / "checkpoints" / "step_00000002.pt")["trainable"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a if k.startswith("student.")) > 1e-6
+
 
 @pytest.mark.parametrize("extra, field", [
     (["crops.global_size=50"], "crops.global_size"),
