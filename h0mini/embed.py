@@ -99,8 +99,8 @@ def embed_tiles(
             embedding, 1536-d), ``"cls"`` (768-d), ``"mean"`` (768-d), ``"patch_tokens"`` (N, 256, 768)
             or ``"all"`` (a dict with ``cls``, ``registers`` and ``patch_tokens``). Register tokens never
             enter the mean.
-        batch_size: tiles per forward pass. Default: 256 on CUDA, 8 on CPU (measured fastest there). On CUDA out-of-memory the
-            batch is split and the smaller size kept.
+        batch_size: tiles per forward pass. Default: 256 on CUDA, 8 on CPU (measured fastest there).
+            On CUDA out-of-memory the batch is split and the smaller size kept.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``...
         precision: ``"auto"`` (fp16 on CUDA; bf16 on CPUs with native bf16, else fp32), ``"fp32"``,
             ``"fp16"`` or ``"bf16"``: autocast dtype of the forward pass.
@@ -252,7 +252,7 @@ class TileEmbedder:
 
     def _decode_jpegs(self, pixel_groups: list, skipped: List[SkippedTile]) -> Tuple[list, List[SkippedTile]]:
         """Decode the batch's encoded JPEGs on the device; files the decoder rejects go through Pillow."""
-        decoded_groups = []
+        decoded_groups, rejected = [], []
         for group_indices, pixels in pixel_groups:
             if not isinstance(pixels, list):
                 decoded_groups.append((group_indices, pixels))
@@ -262,13 +262,15 @@ class TileEmbedder:
                 if tensor is None:  # the CPU path decodes it, or names why it cannot
                     _, array, reason, source = _Prepare(self.preprocessing)(int(index), item.path)
                     if reason is not None:
-                        skipped = sorted([*skipped, SkippedTile(int(index), source, reason)], key=lambda s: s.index)
+                        rejected.append(SkippedTile(int(index), source, reason))
                         continue
                     tensor = torch.from_numpy(array).permute(2, 0, 1).to(self.device)
                 kept.append(index)
                 tensors.append(tensor)
             if tensors:
                 decoded_groups.append((np.array(kept, dtype=np.int64), torch.stack(tensors)))
+        if rejected:  # in input order, so that on_error="raise" names the first bad tile
+            skipped = sorted([*skipped, *rejected], key=lambda s: s.index)
         return decoded_groups, skipped
 
     # -- preparation -----------------------------------------------------------------------
@@ -414,7 +416,7 @@ class _Prepare:
 
     def __call__(self, index: int, item: Any) -> Tuple[int, Any, Optional[str], str]:
         source = item.path if isinstance(item, TileRef) else (os.fspath(item) if isinstance(item, (str, os.PathLike)) else describe(item))
-        if self.encoded_jpegs and (isinstance(item, (TileRef, str, os.PathLike))):
+        if self.encoded_jpegs and isinstance(item, (TileRef, str, os.PathLike)):
             encoded = read_encoded(source, self.preprocessing)
             if encoded is not None:
                 return index, encoded, None, source

@@ -1,9 +1,10 @@
 """JPEG tiles decoded on the model's device (nvJPEG on CUDA) instead of by Pillow in the workers.
 
 Workers then only read the file's bytes and check its header; the batch is decoded where the
-model runs, by torchcodec (or torchvision's older decoder where torchcodec is not installed). Only files that need no resize take this path (a JPEG at the
-model's input size, RGB or grayscale); every other file, and any JPEG the device decoder
-rejects, is decoded by Pillow as usual, so errors and results stay those of the CPU path.
+model runs, by torchcodec (or torchvision's older decoder where torchcodec is not installed).
+Only files that need no resize take this path (a JPEG at the model's input size, RGB or
+grayscale, not EXIF-rotated); every other file, and any JPEG the device decoder rejects, is
+decoded by Pillow as usual, so errors and results stay those of the CPU path.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..embed import OUTPUTS, TileEmbedder
+from ..jpeg import JPEG_DECODERS
 from ..runtime import resolve_device
 from ..job import embed_to_file, gather_tiles
 from ..model import load_model
@@ -34,8 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-workers", default="auto", help="decoding worker processes (default: auto)")
     parser.add_argument("--input-size", default=None, help="224 (default: the model's), another multiple of 14, or native")
     parser.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="on a bad tile: stop, or skip and report it")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model: the first batch waits for compilation (15-30 s on CPU), later ones run faster")
-    parser.add_argument("--jpeg-decode", default="cpu", choices=("cpu", "device"),
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model: the first batch waits 15-30 s (CPU), later ones run ~20%% faster")
+    parser.add_argument("--jpeg-decode", default="cpu", choices=JPEG_DECODERS,
                         help="device: decode JPEG tiles on the GPU (nvJPEG) instead of in the workers (default: cpu)")
     parser.add_argument("--save-every", type=int, default=1024, metavar="N", help="save progress every N tiles (default: 1024)")
     add_weights_arguments(parser)

@@ -164,7 +164,7 @@ class StudentWithHeads(nn.Module):
         dim = student.embed_dim
         d = config.dinov2
         self.use_dinov2 = config.objective.dinov2 > 0
-        self.use_feature = config.objective.feature > 0
+        self.use_dino_loss = self.use_dinov2 and d.dino_weight > 0  # the head may exist for iBOT alone
         # DDP needs every parameter in the graph: a head or projector whose loss weight is 0 is not built.
         self.dino_head: Optional[DINOHead] = None
         self.ibot_head: Optional[DINOHead] = None
@@ -176,8 +176,7 @@ class StudentWithHeads(nn.Module):
                 self.dino_head = DINOHead(dim, d.n_prototypes, d.hidden_dim, d.bottleneck_dim, d.nlayers)
             if d.ibot_separate_head and d.ibot_weight > 0:
                 self.ibot_head = DINOHead(dim, d.n_prototypes, d.hidden_dim, d.bottleneck_dim, d.nlayers)
-        self.dino_weight = d.dino_weight if self.use_dinov2 else 0.0
-        if self.use_feature:
+        if config.objective.feature > 0:
             f = config.feature
             if f.cls_weight > 0:
                 self.cls_projector = FeatureProjector(dim, teacher_dim, f.projector_hidden_dim)
@@ -190,7 +189,7 @@ class StudentWithHeads(nn.Module):
         out_global = tokens(self.student, global_crops)
         cls_global, patches = out_global[:, 0], out_global[:, prefix:]
         out: Dict[str, torch.Tensor] = {"cls_global": cls_global}
-        if self.dino_head is not None and self.dino_weight > 0:
+        if self.use_dino_loss:
             cls_all = cls_global
             if local_crops is not None and local_crops.numel():
                 cls_all = torch.cat([cls_global, tokens(self.student, local_crops)[:, 0]])

@@ -429,9 +429,9 @@ def _train(config: DistillConfig, world: World, teacher_module: Optional[nn.Modu
                             p.grad = None
             grad_norm = float("nan")
             if c.optim.clip_grad > 0:  # per module, as DINOv2: a 65k-prototype head must not set the backbone's scale
-                norms = [float(nn.utils.clip_grad_norm_(module.parameters(), c.optim.clip_grad))
+                norms = [nn.utils.clip_grad_norm_(module.parameters(), c.optim.clip_grad)
                          for module in trainable.children()]
-                grad_norm = norms[0]  # the student backbone's
+                grad_norm = float(norms[0])  # the student backbone's
             optimizer.step()
             ema.update(trainable.student, schedules.ema_momentum[step])
             if world.device.type == "cuda":
