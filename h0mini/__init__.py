@@ -19,11 +19,14 @@ from .errors import (
     InvalidTileError,
     ModelNotFoundError,
     OptionalDependencyError,
+    OutputNotWritableError,
     RevisionNotFoundError,
+    SlideError,
     WeightsNotCachedError,
 )
 from .embed import SkippedTile, SkippedTilesWarning, TileEmbedder, embed_tiles
 from .model import WeightsInfo, load_model
+from .wsi import SlideEmbeddings, SlideTiles, embed_slide, embed_slides, tile_slide
 from .version import __version__
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -32,6 +35,11 @@ __all__ = [
     "__version__",
     "load_model",
     "embed_tiles",
+    "embed_slide",
+    "embed_slides",
+    "tile_slide",
+    "SlideTiles",
+    "SlideEmbeddings",
     "TileEmbedder",
     "SkippedTile",
     "SkippedTilesWarning",
@@ -46,4 +54,6 @@ __all__ = [
     "InvalidTileError",
     "OptionalDependencyError",
     "EvaluationInputError",
+    "SlideError",
+    "OutputNotWritableError",
 ]

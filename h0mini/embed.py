@@ -148,9 +148,24 @@ def embed_tiles(
         compile=compile,
         jpeg_decode=jpeg_decode,
     )
-    source = read_input(tiles)
+    return collect(embedder, read_input(tiles), on_error=on_error, progress=progress, dtype=dtype,
+                   return_tensors=return_tensors, stacklevel=3)
+
+
+def collect(
+    embedder: "TileEmbedder",
+    source: Any,
+    *,
+    on_error: str = "raise",
+    progress: Optional[bool] = None,
+    dtype: Union[str, np.dtype, torch.dtype] = "float32",
+    return_tensors: bool = False,
+    stacklevel: int = 2,
+) -> Any:
+    """Run ``embedder`` over ``source`` (from ``read_input``) and assemble the rows in input order."""
     parts: List[EmbeddedBatch] = []
     skipped: List[SkippedTile] = []
+    output = embedder.output
     try:
         with make_progress(progress, total=source.length) as bar:
             for batch in embedder.iter_batches(source, on_error=on_error):
@@ -164,7 +179,7 @@ def embed_tiles(
     if source.single and skipped:  # one tile in and it was bad: there is nothing to return
         raise InvalidTileError(skipped[0].reason, index=0, source=skipped[0].source)
     if skipped:
-        warnings.warn(SkippedTilesWarning(skipped), stacklevel=2)
+        warnings.warn(SkippedTilesWarning(skipped), stacklevel=stacklevel)
     result = _convert(_assemble(parts, output, empty_dim=embedder.output_shape()), dtype, return_tensors)
     if source.single:
         return {k: v[0] for k, v in result.items()} if isinstance(result, dict) else result[0]
@@ -298,6 +313,8 @@ class TileEmbedder:
             return max(0, int(self.num_workers))
         if not source.all_paths and not isinstance(source.items, DatasetItems):
             return 0  # in-memory tiles: a thread prepares them without copying them to another process
+        if getattr(getattr(source.items, "dataset", None), "in_process_only", False):
+            return 0  # e.g. a slide opened by the caller: its handle cannot travel to a worker
         if source.length is None or source.length < 4 * self.batch_size:
             return 0  # starting processes costs more than decoding a few tiles in a thread
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -415,7 +432,10 @@ class _Prepare:
         self.encoded_jpegs = encoded_jpegs
 
     def __call__(self, index: int, item: Any) -> Tuple[int, Any, Optional[str], str]:
-        source = item.path if isinstance(item, TileRef) else (os.fspath(item) if isinstance(item, (str, os.PathLike)) else describe(item))
+        if isinstance(item, TileRef):
+            source = item.path
+        else:
+            source = os.fspath(item) if isinstance(item, (str, os.PathLike)) else describe(item)
         if self.encoded_jpegs and isinstance(item, (TileRef, str, os.PathLike)):
             encoded = read_encoded(source, self.preprocessing)
             if encoded is not None:

@@ -99,3 +99,28 @@ class EvaluationInputError(H0miniError, ValueError):
     The message names the slide or field, e.g. ``slide 'GIVH_AT2' has 8138 tiles but slide
     'GIV_AT2' has 8139``.
     """
+
+
+class OutputNotWritableError(H0miniError, PermissionError):
+    """An output file or folder cannot be written (read-only, missing permissions, a file in the way)."""
+
+
+class SlideError(H0miniError, ValueError):
+    """A whole-slide image cannot be opened, read or tiled as asked.
+
+    ``slide`` is the slide's path (or a description of the reader object). The message says
+    what went wrong and what to pass instead, e.g. ``'scan.tif': no µm/px in the slide's
+    metadata; pass mpp=0.25 (Python) or --mpp 0.25 (command line) if you know it``.
+    """
+
+    def __init__(self, message: str, *, slide: Optional[str] = None):
+        super().__init__(f"{slide!r}: {message}" if slide is not None else message)
+        self.slide = slide
+        self.reason = message
+
+    def __reduce__(self):
+        return (_rebuild_slide_error, (self.reason, self.slide))
+
+
+def _rebuild_slide_error(reason: str, slide: Optional[str]) -> SlideError:
+    return SlideError(reason, slide=slide)

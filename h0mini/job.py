@@ -23,7 +23,7 @@ import numpy as np
 
 from .embed import TileEmbedder, make_progress
 from .errors import InvalidTileError
-from .tiles import TileInput, TileRef, expand_path
+from .tiles import LazyTile, TileInput, TileRef, expand_path
 from .version import __version__
 from .writers import Embeddings, atomic_path, check_format, read_embeddings, write_embeddings
 
@@ -40,17 +40,23 @@ class JobResult:
     skipped: List[Dict[str, Any]]
 
 
-def gather_tiles(inputs: Sequence[Union[str, Path]]) -> List[TileRef]:
-    """Tile paths from every input (file, folder, glob, list file), in order, each once."""
-    refs: List[TileRef] = []
+def gather_tiles(inputs: Sequence[Union[str, Path, TileRef, LazyTile]]) -> List[Union[TileRef, LazyTile]]:
+    """Tiles from every input (file, folder, glob, list file, or tiles already named), in order, each once."""
+    refs: List[Union[TileRef, LazyTile]] = []
     seen: Dict[str, str] = {}
     for spec in inputs:
-        for ref in [spec] if isinstance(spec, TileRef) else expand_path(spec):
-            if ref.path in seen:
-                raise InvalidTileError(f"listed twice (by {seen[ref.path]!r} and {str(spec)!r})", source=ref.path)
-            seen[ref.path] = str(spec)
+        for ref in [spec] if isinstance(spec, (TileRef, LazyTile)) else expand_path(spec):
+            key = tile_key(ref)
+            if key in seen:
+                raise InvalidTileError(f"listed twice (by {seen[key]!r} and {str(spec)!r})", source=key)
+            seen[key] = key if isinstance(spec, LazyTile) else str(spec)
             refs.append(ref)
     return refs
+
+
+def tile_key(ref: Union[TileRef, LazyTile]) -> str:
+    """What names a tile in outputs, errors and resumes: its path, or a slide tile's name."""
+    return ref.name if isinstance(ref, LazyTile) else ref.path
 
 
 def coords_of(refs: Sequence[TileRef]) -> Optional[np.ndarray]:
@@ -60,7 +66,7 @@ def coords_of(refs: Sequence[TileRef]) -> Optional[np.ndarray]:
         if ref.coords is not None:
             coords.append(ref.coords)
             continue
-        stem = Path(ref.path).stem
+        stem = Path(tile_key(ref)).stem
         match = next((m for m in (p.search(stem) for p in _COORDS_IN_NAME) if m), None)
         if match is None:
             return None
@@ -69,33 +75,46 @@ def coords_of(refs: Sequence[TileRef]) -> Optional[np.ndarray]:
 
 
 def embed_to_file(
-    inputs: Sequence[Union[str, Path, TileRef]],
+    inputs: Sequence[Union[str, Path, TileRef, LazyTile]],
     output_path: Union[str, Path],
     embedder: TileEmbedder,
     *,
     on_error: str = "raise",
     part_size: int = 1024,
     progress: Optional[bool] = None,
+    tiling: Optional[Dict[str, Any]] = None,
+    coords_attrs: Optional[Dict[str, Any]] = None,
+    slide_pool: Optional[str] = None,
 ) -> JobResult:
-    """Embed the tiles named by ``inputs`` into ``output_path`` (.h5, .npy, .pt or .parquet)."""
+    """Embed the tiles named by ``inputs`` into ``output_path`` (.h5, .npy, .pt or .parquet).
+
+    Whole slides pass their tiles (``LazyTile``s) with ``tiling`` (how the slide was tiled: part of
+    the resume key, so a rerun with other tiling settings starts afresh), the ``coords_attrs``
+    TRIDENT/CLAM readers expect, and ``slide_pool="mean"`` for a slide-level vector.
+    """
     output_path = Path(output_path)
     check_format(output_path, embedder.output)
+    if slide_pool not in (None, "mean"):
+        raise ValueError(f"slide_pool must be None or 'mean', got {slide_pool!r}")
     refs = gather_tiles(inputs)
     settings = job_settings(embedder)
+    if tiling is not None:
+        settings["tiling"] = tiling
     parts = PartStore(output_path.with_name(output_path.name + ".parts"), settings)
     done = parts.load()
     done.update(_complete_output(output_path, settings))
-    pending = [r for r in refs if r.path not in done]
+    pending = [r for r in refs if tile_key(r) not in done]
     reused = len(refs) - len(pending)
     if reused:
         logger.info("resuming: %d of %d tiles already embedded", reused, len(refs))
     skipped: List[Dict[str, Any]] = []
-    position = {r.path: i for i, r in enumerate(refs)}
-    source = TileInput(pending, single=False, length=len(pending), all_paths=True)
+    position = {tile_key(r): i for i, r in enumerate(refs)}
+    in_workers = not any(getattr(getattr(r, "source", None), "in_process_only", False) for r in pending[:1])
+    source = TileInput(pending, single=False, length=len(pending), all_paths=in_workers)
     try:
         with make_progress(progress, total=len(pending)) as bar:
             for batch in embedder.iter_batches(source, on_error=on_error):
-                names = [pending[i].path for i in batch.indices]
+                names = [tile_key(pending[i]) for i in batch.indices]
                 parts.add(names, {k: v.numpy() for k, v in batch.features.items()})
                 if parts.pending_rows >= part_size:
                     parts.flush()
@@ -113,17 +132,26 @@ def embed_to_file(
         raise
     parts.flush()
     done.update(parts.load())
-    kept = [r for r in refs if r.path in done]
+    kept = [r for r in refs if tile_key(r) in done]
     shapes = embedder.output_shape()
     names = ["cls", "registers", "patch_tokens"] if embedder.output == "all" else [embedder.output]
     arrays = {
-        name: np.stack([done[r.path][name] for r in kept]) if kept else np.zeros((0, *shapes[name]), np.float32)
+        name: np.stack([done[tile_key(r)][name] for r in kept]) if kept else np.zeros((0, *shapes[name]), np.float32)
         for name in names
     }
     if embedder.output != "all":
         arrays = {"features": arrays[embedder.output]}
     provenance = dict(settings, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), num_tiles=len(kept))
-    write_embeddings(output_path, Embeddings(arrays, [r.path for r in kept], coords_of(kept), provenance, skipped))
+    pooled = None
+    if slide_pool == "mean":
+        rows = arrays.get("features", arrays.get("cls"))
+        pooled = rows.mean(0).astype(np.float32) if len(rows) else np.full(rows.shape[1:], np.nan, np.float32)
+    coords = coords_of(kept)
+    if coords is None and tiling is not None:
+        coords = np.zeros((0, 2), np.int64)
+    embeddings = Embeddings(arrays, [tile_key(r) for r in kept], coords, provenance, skipped,
+                            dict(coords_attrs or {}), pooled)
+    write_embeddings(output_path, embeddings)
     parts.remove()
     return JobResult(output_path, embedded=len(kept) - reused, reused=reused, skipped=skipped)
 
@@ -149,7 +177,7 @@ def job_settings(embedder: TileEmbedder) -> Dict[str, Any]:
     }
 
 
-_SAME_NUMBERS = ("weights_sha256", "arch", "output", "precision", "weights_dtype", "preprocessing")
+_SAME_NUMBERS = ("weights_sha256", "arch", "output", "precision", "weights_dtype", "preprocessing", "tiling")
 
 
 def _same_numbers(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
@@ -183,6 +211,7 @@ class PartStore:
         self.settings = settings
         self._names: List[str] = []
         self._arrays: Dict[str, List[np.ndarray]] = {}
+        self._written_by_this_run = False  # then its settings are ours, even for an unverifiable in-memory model
 
     @property
     def pending_rows(self) -> int:
@@ -197,7 +226,7 @@ class PartStore:
             saved = json.loads(settings_file.read_text())
         except ValueError:
             saved = {}
-        if not _same_numbers(saved, self.settings):
+        if not self._written_by_this_run and not _same_numbers(saved, self.settings):
             logger.warning("%s was made with other settings: starting again", self.folder)
             shutil.rmtree(self.folder)
             return {}
@@ -227,6 +256,7 @@ class PartStore:
         if not settings_file.exists():
             with atomic_path(settings_file) as tmp:
                 tmp.write_text(json.dumps(self.settings))
+        self._written_by_this_run = True
         number = len(list(self.folder.glob("part-*.npz"))) + 1
         with atomic_path(self.folder / f"part-{number:06d}-{int(time.time())}.npz") as tmp:
             with open(tmp, "wb") as f:

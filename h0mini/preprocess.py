@@ -21,7 +21,7 @@ from timm.data import create_transform, resolve_data_config
 from torchvision.transforms import v2 as transforms_v2
 
 from .errors import InvalidTileError
-from .tiles import TileRef, open_image, to_rgb
+from .tiles import LazyTile, TileRef, open_image, to_rgb
 
 Pixels = Union[np.ndarray, torch.Tensor]  # uint8 (H, W, 3) or float (3, H, W) in [0, 1]
 
@@ -79,6 +79,8 @@ class Preprocessing:
         """Decode one tile to pixels at the model's input size: uint8 (H, W, 3) or float (3, H, W)."""
         if isinstance(item, TileRef):
             item = open_image(item.path)
+        elif isinstance(item, LazyTile):
+            item = item.load()
         elif isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
             item = open_image(str(item))
         if isinstance(item, Image.Image):

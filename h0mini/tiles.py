@@ -40,6 +40,20 @@ class TileRef:
     coords: Optional[Tuple[int, int]] = None
 
 
+class LazyTile:
+    """A tile read only when it is embedded, possibly in a worker process (a region of a slide).
+
+    Subclasses are small and picklable: ``name`` identifies the tile (in errors, outputs and
+    resumes), ``coords`` are its slide coordinates, ``load()`` returns its RGB pixels.
+    """
+
+    name: str
+    coords: Optional[Tuple[int, int]]
+
+    def load(self) -> Union[np.ndarray, Image.Image]:
+        raise NotImplementedError
+
+
 @dataclass
 class TileInput:
     """What ``read_input`` makes of the user's argument."""
@@ -47,7 +61,7 @@ class TileInput:
     items: Iterable[Any]  # TileRef or in-memory image (PIL, ndarray, tensor)
     single: bool  # one tile in: one vector out
     length: Optional[int]  # None for generators
-    all_paths: bool  # every item is a TileRef (decodable in worker processes)
+    all_paths: bool  # every item is a TileRef or a LazyTile (decodable in worker processes)
 
 
 def is_path(value: Any) -> bool:
@@ -208,6 +222,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def describe(item: Any) -> str:
+    if isinstance(item, LazyTile):
+        return item.name
     if isinstance(item, Image.Image):
         return f"PIL image {item.mode} {item.size[0]}x{item.size[1]}"
     if isinstance(item, (np.ndarray, torch.Tensor)):

@@ -22,6 +22,7 @@ import torch
 from .errors import OptionalDependencyError
 
 FORMATS = (".h5", ".hdf5", ".npy", ".pt", ".parquet")
+SLIDE_FEATURES = "slide_features"  # the slide-level vector, beside the tile rows
 MULTI_ARRAY_OUTPUTS = ("all",)
 
 
@@ -34,6 +35,10 @@ class Embeddings:
     coords: Optional[np.ndarray] = None  # (N, 2) int64 pixel x, y when known
     provenance: Dict[str, Any] = field(default_factory=dict)
     skipped: List[Dict[str, Any]] = field(default_factory=list)
+    # Whole slides: the attributes TRIDENT/CLAM readers look for on ``coords`` (patch_size_level0, ...)
+    # and an optional slide-level vector (e.g. the mean of the tile features).
+    coords_attrs: Dict[str, Any] = field(default_factory=dict)
+    slide_features: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.tile_names)
@@ -104,12 +109,22 @@ def sidecar(path: Path) -> Path:
 
 
 def _metadata(embeddings: Embeddings) -> Dict[str, Any]:
-    return {
+    meta = {
         "tile_names": embeddings.tile_names,
         "coords": embeddings.coords.tolist() if embeddings.coords is not None else None,
         "provenance": embeddings.provenance,
         "skipped": embeddings.skipped,
     }
+    if embeddings.coords_attrs:
+        meta["coords_attrs"] = embeddings.coords_attrs
+    if embeddings.slide_features is not None:
+        meta["slide_features"] = embeddings.slide_features.tolist()
+    return meta
+
+
+def _slide_features(meta: Dict[str, Any]) -> Optional[np.ndarray]:
+    value = meta.get("slide_features")
+    return None if value is None else np.asarray(value, dtype=np.float32)
 
 
 # -- HDF5 -------------------------------------------------------------------------------------------
@@ -123,7 +138,11 @@ def _write_h5(tmp: Path, embeddings: Embeddings) -> None:
             f.create_dataset(name, data=array)
         f.create_dataset("tile_names", data=np.array(embeddings.tile_names, dtype=object), dtype=h5py.string_dtype())
         if embeddings.coords is not None:
-            f.create_dataset("coords", data=embeddings.coords.astype(np.int64))
+            coords = f.create_dataset("coords", data=embeddings.coords.astype(np.int64))
+            for key, value in embeddings.coords_attrs.items():  # native numbers, as TRIDENT writes them
+                coords.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        if embeddings.slide_features is not None:
+            f.create_dataset(SLIDE_FEATURES, data=embeddings.slide_features)
         for key, value in embeddings.provenance.items():
             f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else ("" if value is None else str(value))
         f.attrs["h0mini_provenance"] = json.dumps(embeddings.provenance)
@@ -134,12 +153,26 @@ def _read_h5(path: Path) -> Embeddings:
     import h5py
 
     with h5py.File(path, "r") as f:
-        arrays = {k: f[k][()] for k in f.keys() if k not in ("tile_names", "coords")}
+        arrays = {k: f[k][()] for k in f.keys() if k not in ("tile_names", "coords", SLIDE_FEATURES)}
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["tile_names"][()]]
         coords = f["coords"][()] if "coords" in f else None
+        coords_attrs = {k: _attr(v) for k, v in f["coords"].attrs.items()} if "coords" in f else {}
+        slide_features = f[SLIDE_FEATURES][()] if SLIDE_FEATURES in f else None
         provenance = json.loads(f.attrs.get("h0mini_provenance", "{}"))
         skipped = json.loads(f.attrs.get("skipped", "[]"))
-    return Embeddings(arrays, names, coords, provenance, skipped)
+    return Embeddings(arrays, names, coords, provenance, skipped, coords_attrs, slide_features)
+
+
+def _attr(value: Any) -> Any:
+    """An HDF5 attribute as Python: numpy scalars to numbers, JSON-encoded dicts back to dicts."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, str) and value[:1] in "{[":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
 
 
 # -- numpy ------------------------------------------------------------------------------------------
@@ -155,7 +188,8 @@ def _read_npy(path: Path) -> Embeddings:
     if meta.get("npy_sha256") != _sha256(path):
         raise ValueError(f"{str(sidecar(path))!r} does not describe {str(path)!r} (an interrupted write?)")
     coords = np.asarray(meta["coords"], dtype=np.int64) if meta.get("coords") is not None else None
-    return Embeddings({"features": np.load(path)}, meta["tile_names"], coords, meta["provenance"], meta["skipped"])
+    return Embeddings({"features": np.load(path)}, meta["tile_names"], coords, meta["provenance"], meta["skipped"],
+                      meta.get("coords_attrs", {}), _slide_features(meta))
 
 
 # -- torch ------------------------------------------------------------------------------------------
@@ -171,7 +205,7 @@ def _write_pt(tmp: Path, embeddings: Embeddings) -> None:
 
 def _read_pt(path: Path) -> Embeddings:
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    meta_keys = ("tile_names", "coords", "provenance", "skipped")
+    meta_keys = ("tile_names", "coords", "provenance", "skipped", "coords_attrs", "slide_features")
     arrays = {k: v.numpy() for k, v in payload.items() if k not in meta_keys}
     coords = payload.get("coords")
     return Embeddings(
@@ -180,6 +214,8 @@ def _read_pt(path: Path) -> Embeddings:
         coords.numpy() if isinstance(coords, torch.Tensor) else None,
         payload["provenance"],
         payload["skipped"],
+        payload.get("coords_attrs", {}),
+        _slide_features(payload),
     )
 
 
@@ -206,6 +242,9 @@ def _write_parquet(tmp: Path, embeddings: Embeddings) -> None:
     columns["features"] = pa.FixedSizeListArray.from_arrays(flat, features.shape[1])
     table = pa.table(columns)
     meta = {b"h0mini_provenance": json.dumps(embeddings.provenance), b"h0mini_skipped": json.dumps(embeddings.skipped)}
+    if embeddings.coords_attrs or embeddings.slide_features is not None:
+        extra = _metadata(embeddings)
+        meta[b"h0mini_slide"] = json.dumps({k: extra.get(k) for k in ("coords_attrs", "slide_features")})
     pq.write_table(table.replace_schema_metadata(meta), tmp)
 
 
@@ -220,10 +259,13 @@ def _read_parquet(path: Path) -> Embeddings:
         if "x" in table.column_names
         else None
     )
+    slide = json.loads(meta.get(b"h0mini_slide", b"{}"))
     return Embeddings(
         {"features": features},
         table.column("tile_name").to_pylist(),
         coords,
         json.loads(meta.get(b"h0mini_provenance", b"{}")),
         json.loads(meta.get(b"h0mini_skipped", b"[]")),
+        slide.get("coords_attrs") or {},
+        _slide_features(slide),
     )

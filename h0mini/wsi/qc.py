@@ -1,0 +1,55 @@
+"""A quality-control picture per slide: thumbnail, tissue outline and the tiles that were kept."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from .grid import SlideTiles
+from .reader import open_slide
+from .tissue import read_thumbnail
+
+TISSUE_COLOUR = (0, 200, 70)
+TILE_COLOUR = (20, 60, 255)
+LONG_SIDE = 1600  # px of the picture's longer side, at most
+
+
+def qc_image(tiles: SlideTiles, thumbnail: Optional[Image.Image] = None) -> Image.Image:
+    """Draw the slide's thumbnail with the tissue outline (green) and the kept tiles (blue)."""
+    if thumbnail is None:
+        slide = tiles.source.open()
+        thumbnail, _ = read_thumbnail(slide, tiles.plan.level0_mpp)
+    width0, height0 = tiles.plan.level0_width, tiles.plan.level0_height
+    zoom = LONG_SIDE / max(thumbnail.size)
+    zoom = min(zoom, 4.0) if zoom > 1 else zoom
+    size = (max(1, round(thumbnail.width * zoom)), max(1, round(thumbnail.height * zoom)))
+    picture = thumbnail.convert("RGB").resize(size, Image.Resampling.BICUBIC if zoom > 1 else Image.Resampling.BOX)
+    if tiles.tissue is not None:
+        mask = Image.fromarray(tiles.tissue.mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
+        edge = np.asarray(mask.filter(ImageFilter.MaxFilter(3))) != np.asarray(mask.filter(ImageFilter.MinFilter(3)))
+        pixels = np.array(picture)
+        pixels[edge] = TISSUE_COLOUR
+        picture = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(picture)
+    sx, sy = size[0] / width0, size[1] / height0
+    side = tiles.plan.patch_size_level0
+    for x, y in tiles.coords.tolist():
+        draw.rectangle([x * sx, y * sy, (x + side) * sx - 1, (y + side) * sy - 1], outline=TILE_COLOUR, width=1)
+    return picture
+
+
+def save_qc_image(tiles: SlideTiles, path: Union[str, os.PathLike]) -> Path:
+    """Write the QC picture as PNG (atomically: a picture under its name is always whole)."""
+    from ..writers import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        qc_image(tiles).save(tmp, format="PNG")
+    return path
+
+
+__all__ = ["qc_image", "save_qc_image", "open_slide"]
