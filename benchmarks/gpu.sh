@@ -19,4 +19,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PY" end_to_end.py --device cuda --tiles 4096 --formats jpg:224 --jpeg-decode device
 "$PY" precision_parity.py --device cuda --tiles 64
 "$PY" memory.py --device cuda --model h0_mini --tiles 20000
+"$PY" slide_pipeline.py --device cuda --overlap 192 --rounds 3   # needs openslide-python + openslide-bin (.whl)
 "$PY" -m pytest ../tests/test_embed.py ../tests/test_jpeg.py ../tests/test_eval_plism.py -m gpu -q -p no:cacheprovider

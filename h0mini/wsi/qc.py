@@ -10,22 +10,20 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .grid import SlideTiles
-from .reader import open_slide
 from .tissue import read_thumbnail
 
 TISSUE_COLOUR = (0, 200, 70)
 TILE_COLOUR = (20, 60, 255)
-LONG_SIDE = 1600  # px of the picture's longer side, at most
+LONG_SIDE = 1200  # px of the picture's longer side, at most
 
 
 def qc_image(tiles: SlideTiles, thumbnail: Optional[Image.Image] = None) -> Image.Image:
     """Draw the slide's thumbnail with the tissue outline (green) and the kept tiles (blue)."""
-    if thumbnail is None:
-        slide = tiles.source.open()
-        thumbnail, _ = read_thumbnail(slide, tiles.plan.level0_mpp)
     width0, height0 = tiles.plan.level0_width, tiles.plan.level0_height
-    zoom = LONG_SIDE / max(thumbnail.size)
-    zoom = min(zoom, 4.0) if zoom > 1 else zoom
+    if thumbnail is None:  # as fine as LONG_SIDE allows, read in strips like the tissue thumbnail
+        mpp = max(tiles.plan.level0_mpp, max(width0, height0) * tiles.plan.level0_mpp / LONG_SIDE)
+        thumbnail, _ = read_thumbnail(tiles.source.open(), tiles.plan.level0_mpp, mpp)
+    zoom = min(LONG_SIDE / max(thumbnail.size), 4.0)
     size = (max(1, round(thumbnail.width * zoom)), max(1, round(thumbnail.height * zoom)))
     picture = thumbnail.convert("RGB").resize(size, Image.Resampling.BICUBIC if zoom > 1 else Image.Resampling.BOX)
     if tiles.tissue is not None:
@@ -51,5 +49,3 @@ def save_qc_image(tiles: SlideTiles, path: Union[str, os.PathLike]) -> Path:
         qc_image(tiles).save(tmp, format="PNG")
     return path
 
-
-__all__ = ["qc_image", "save_qc_image", "open_slide"]
