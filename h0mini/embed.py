@@ -148,8 +148,12 @@ def embed_tiles(
         compile=compile,
         jpeg_decode=jpeg_decode,
     )
-    return collect(embedder, read_input(tiles), on_error=on_error, progress=progress, dtype=dtype,
-                   return_tensors=return_tensors, stacklevel=3)
+    source = read_input(tiles)
+    result, skipped = collect(embedder, source, on_error=on_error, progress=progress, dtype=dtype,
+                              return_tensors=return_tensors)
+    if skipped:
+        warnings.warn(SkippedTilesWarning(skipped), stacklevel=2)
+    return result
 
 
 def collect(
@@ -160,9 +164,8 @@ def collect(
     progress: Optional[bool] = None,
     dtype: Union[str, np.dtype, torch.dtype] = "float32",
     return_tensors: bool = False,
-    stacklevel: int = 2,
-) -> Any:
-    """Run ``embedder`` over ``source`` (from ``read_input``) and assemble the rows in input order."""
+) -> Tuple[Any, List[SkippedTile]]:
+    """Run ``embedder`` over ``source`` (from ``read_input``): the rows in input order, and the skipped tiles."""
     parts: List[EmbeddedBatch] = []
     skipped: List[SkippedTile] = []
     output = embedder.output
@@ -178,12 +181,10 @@ def collect(
         raise
     if source.single and skipped:  # one tile in and it was bad: there is nothing to return
         raise InvalidTileError(skipped[0].reason, index=0, source=skipped[0].source)
-    if skipped:
-        warnings.warn(SkippedTilesWarning(skipped), stacklevel=stacklevel)
     result = _convert(_assemble(parts, output, empty_dim=embedder.output_shape()), dtype, return_tensors)
     if source.single:
-        return {k: v[0] for k, v in result.items()} if isinstance(result, dict) else result[0]
-    return result
+        result = {k: v[0] for k, v in result.items()} if isinstance(result, dict) else result[0]
+    return result, skipped
 
 
 class TileEmbedder:
@@ -309,12 +310,12 @@ class TileEmbedder:
             yield from prefetch(_batched_in_thread(source.items, prepare, self.batch_size, pin), depth=2)
 
     def _workers(self, source: Any) -> int:
+        if source.in_process_only:
+            return 0  # e.g. a slide opened by the caller: its handle must not travel to (or fork into) a worker
         if self.num_workers != "auto":
             return max(0, int(self.num_workers))
         if not source.all_paths and not isinstance(source.items, DatasetItems):
             return 0  # in-memory tiles: a thread prepares them without copying them to another process
-        if getattr(getattr(source.items, "dataset", None), "in_process_only", False):
-            return 0  # e.g. a slide opened by the caller: its handle cannot travel to a worker
         if source.length is None or source.length < 4 * self.batch_size:
             return 0  # starting processes costs more than decoding a few tiles in a thread
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -109,8 +109,8 @@ def embed_to_file(
         logger.info("resuming: %d of %d tiles already embedded", reused, len(refs))
     skipped: List[Dict[str, Any]] = []
     position = {tile_key(r): i for i, r in enumerate(refs)}
-    in_workers = not any(getattr(getattr(r, "source", None), "in_process_only", False) for r in pending[:1])
-    source = TileInput(pending, single=False, length=len(pending), all_paths=in_workers)
+    stays = any(getattr(getattr(r, "source", None), "in_process_only", False) for r in pending)
+    source = TileInput(pending, single=False, length=len(pending), all_paths=not stays, in_process_only=stays)
     try:
         with make_progress(progress, total=len(pending)) as bar:
             for batch in embedder.iter_batches(source, on_error=on_error):

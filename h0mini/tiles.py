@@ -62,6 +62,7 @@ class TileInput:
     single: bool  # one tile in: one vector out
     length: Optional[int]  # None for generators
     all_paths: bool  # every item is a TileRef or a LazyTile (decodable in worker processes)
+    in_process_only: bool = False  # items hold something that must stay in this process (an open slide)
 
 
 def is_path(value: Any) -> bool:
@@ -91,7 +92,8 @@ def read_input(tiles: Any) -> TileInput:
         single = Path(tiles).is_file() and Path(tiles).suffix.lower() not in LIST_SUFFIXES
         return TileInput(refs, single=single, length=len(refs), all_paths=True)
     if isinstance(tiles, torch.utils.data.Dataset) and hasattr(tiles, "__len__"):
-        return TileInput(DatasetItems(tiles), single=False, length=len(tiles), all_paths=False)
+        return TileInput(DatasetItems(tiles), single=False, length=len(tiles), all_paths=False,
+                         in_process_only=bool(getattr(tiles, "in_process_only", False)))
     if isinstance(tiles, (str, bytes)):
         raise InvalidTileError(f"cannot read tiles from {type(tiles).__name__}")
     if isinstance(tiles, Sequence) and all(is_path(t) or isinstance(t, TileRef) for t in tiles):

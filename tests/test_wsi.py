@@ -106,6 +106,11 @@ def test_tiles_from_workers_equal_tiles_from_a_thread_and_from_an_open_handle(mo
     handle = openslide.OpenSlide(str(SLIDE))  # an object with OpenSlide's API: read in this process only
     from_handle = h0mini.embed_slide(handle, model, precision="fp32", num_workers=2)
     np.testing.assert_array_equal(from_handle.features, in_thread)
+    from h0mini.tiles import read_input
+
+    embedder = h0mini.TileEmbedder(model, num_workers=2)
+    assert embedder._workers(read_input(tile_slide(handle))) == 0  # never forked into, never pickled
+    assert embedder._workers(read_input(tiles)) == 2
 
 
 def test_slide_tiles_travel_to_spawned_processes_without_a_handle():

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..embed import ModelLike, TileEmbedder, collect
+from ..embed import ModelLike, SkippedTilesWarning, TileEmbedder, collect
 from ..errors import H0miniError, OutputNotWritableError, SlideError
 from ..job import embed_to_file, job_settings, _same_numbers
 from ..tiles import GLOB_CHARS, TileInput
@@ -141,14 +141,11 @@ def embed_slide(
         coords = saved.coords if saved.coords is not None else np.zeros((0, 2), np.int64)
         return SlideEmbeddings(features, coords, tiles.attributes(), saved.tile_names, saved.slide_features,
                                Path(output_path), saved.skipped)
-    source = TileInput(tiles.regions(), single=False, length=len(tiles), all_paths=not tiles.in_process_only)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        features = collect(embedder, source, on_error=on_error, progress=progress)
-    skipped = [s for w in caught for s in getattr(w.message, "skipped", [])]
-    for w in caught:
-        if not getattr(w.message, "skipped", None):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    source = TileInput(tiles.regions(), single=False, length=len(tiles), all_paths=not tiles.in_process_only,
+                       in_process_only=tiles.in_process_only)
+    features, skipped = collect(embedder, source, on_error=on_error, progress=progress)
+    if skipped:
+        warnings.warn(SkippedTilesWarning(skipped), stacklevel=2)
     bad = {s.index for s in skipped}
     keep = np.array([i for i in range(len(tiles)) if i not in bad], dtype=np.int64)
     names = [tiles[int(i)].name for i in keep]
