@@ -612,7 +612,8 @@ def _in_notebook() -> bool:
         return False
 
 
-def make_progress(progress: Optional[bool], total: Optional[int]):
+def make_progress(progress: Optional[bool], total: Optional[int], *, unit: str = "tile", desc: str = "h0mini",
+                  leave: bool = True):
     """A tqdm bar counting tiles; shown on a terminal or in a notebook unless ``progress`` says otherwise."""
     notebook = _in_notebook()
     show = progress if progress is not None else (notebook or sys.stderr.isatty())
@@ -620,4 +621,4 @@ def make_progress(progress: Optional[bool], total: Optional[int]):
         from tqdm.auto import tqdm
     else:
         from tqdm import tqdm
-    return tqdm(total=total, disable=not show, unit="tile", desc="h0mini", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, disable=not show, unit=unit, desc=desc, leave=leave, file=sys.stderr, dynamic_ncols=True)

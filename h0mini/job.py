@@ -85,12 +85,14 @@ def embed_to_file(
     tiling: Optional[Dict[str, Any]] = None,
     coords_attrs: Optional[Dict[str, Any]] = None,
     slide_pool: Optional[str] = None,
+    progress_label: Optional[str] = None,
 ) -> JobResult:
     """Embed the tiles named by ``inputs`` into ``output_path`` (.h5, .npy, .pt or .parquet).
 
     Whole slides pass their tiles (``LazyTile``s) with ``tiling`` (how the slide was tiled: part of
     the resume key, so a rerun with other tiling settings starts afresh), the ``coords_attrs``
-    TRIDENT/CLAM readers expect, and ``slide_pool="mean"`` for a slide-level vector.
+    TRIDENT/CLAM readers expect, ``slide_pool="mean"`` for a slide-level vector, and
+    ``progress_label`` for a bar that names the slide and goes away when it is done.
     """
     output_path = Path(output_path)
     check_format(output_path, embedder.output)
@@ -112,7 +114,8 @@ def embed_to_file(
     stays = any(getattr(getattr(r, "source", None), "in_process_only", False) for r in pending)
     source = TileInput(pending, single=False, length=len(pending), all_paths=not stays, in_process_only=stays)
     try:
-        with make_progress(progress, total=len(pending)) as bar:
+        label = {"desc": progress_label, "leave": False} if progress_label else {}
+        with make_progress(progress, total=len(pending), **label) as bar:
             for batch in embedder.iter_batches(source, on_error=on_error):
                 names = [tile_key(pending[i]) for i in batch.indices]
                 parts.add(names, {k: v.numpy() for k, v in batch.features.items()})

@@ -175,6 +175,19 @@ def test_an_aperio_like_pyramid_reads_a_finer_level_and_downscales(tmp_path):
     np.testing.assert_array_equal(np.asarray(tiles[3].load()), np.asarray(expected))
 
 
+def test_overlap_is_in_target_pixels_and_mpp_comes_from_any_metadata(tmp_path):
+    path = write_pyramid(tmp_path / "x40.tif", slide_pixels(896, 896), mpp=0.25, downsamples=(1, 2))
+    tiles = tile_slide(path, tissue=None, overlap=112)
+    # 224 px tiles at 0.5 µm/px sharing 112 px: a 448 px level-0 footprint every 224 level-0 px.
+    assert tiles.plan.stride_level0 == 224 and tiles.coords[:, 0].tolist()[:3] == [0, 224, 448] and len(tiles) == 9
+    from h0mini.wsi.reader import mpp_from_properties
+
+    assert mpp_from_properties({"aperio.MPP": "0.2527"}) == pytest.approx(0.2527)
+    assert mpp_from_properties({"tiff.XResolution": "20000", "tiff.ResolutionUnit": "centimeter"}) == pytest.approx(0.5)
+    assert mpp_from_properties({"tiff.XResolution": "101600", "tiff.ResolutionUnit": "inch"}) == pytest.approx(0.25)
+    assert mpp_from_properties({"openslide.mpp-x": "0", "tiff.ResolutionUnit": "none"}) is None
+
+
 def test_upsampling_is_refused_unless_asked_for(tmp_path):
     path = write_pyramid(tmp_path / "x20.tif", slide_pixels(448, 448), mpp=0.5)
     with pytest.raises(SlideError, match="allow_upsampling"):

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..embed import ModelLike, SkippedTilesWarning, TileEmbedder, collect
+from ..embed import ModelLike, SkippedTilesWarning, TileEmbedder, collect, make_progress
 from ..errors import H0miniError, OutputNotWritableError, SlideError
 from ..job import embed_to_file, job_settings, _same_numbers
 from ..tiles import GLOB_CHARS, TileInput
@@ -85,6 +85,7 @@ def embed_slide(
     on_error: str = "raise",
     progress: Optional[bool] = None,
     save_every: int = 1024,
+    progress_label: Optional[str] = None,
     **embedder_options: Any,
 ) -> SlideEmbeddings:
     """Embed the tissue tiles of one whole-slide image with H0-mini.
@@ -135,6 +136,7 @@ def embed_slide(
         embed_to_file(
             tiles.regions(), output_path, embedder, on_error=on_error, part_size=save_every, progress=progress,
             tiling=dict(tiles.settings(), request=request), coords_attrs=tiles.attributes(), slide_pool=slide_pool,
+            progress_label=progress_label,
         )
         saved = read_embeddings(Path(output_path))
         features = saved.arrays if embedder.output == "all" else saved.arrays["features"]
@@ -251,19 +253,18 @@ def embed_slides(
     settings = job_settings(embedder)
     summary_path = out / (f"summary.{chosen.label}.csv" if chosen.label else "summary.csv")
     statuses: List[SlideStatus] = []
-    from ..embed import make_progress
-
-    with make_progress(progress, total=len(mine)) as bar:
-        bar.unit, bar.desc = "slide", "slides"
+    with make_progress(progress, total=len(mine), unit="slide", desc="slides") as bar:
         for path in mine:
-            statuses.append(_embed_one(path, out, embedder, settings, request, qc, on_error, save_every, reader))
+            statuses.append(
+                _embed_one(path, out, embedder, settings, request, qc, on_error, save_every, reader, progress)
+            )
             _write_summary(summary_path, statuses)
             bar.update(1)
     return statuses
 
 
 def _embed_one(path: str, out: Path, embedder: TileEmbedder, settings: Dict[str, Any], request: Dict[str, Any],
-               qc: bool, on_error: str, save_every: int, reader: str) -> SlideStatus:
+               qc: bool, on_error: str, save_every: int, reader: str, progress: Optional[bool]) -> SlideStatus:
     stem = slide_stem(path)
     target = out / f"{stem}.h5"
     qc_file = out / "qc" / f"{stem}.png"
@@ -276,7 +277,7 @@ def _embed_one(path: str, out: Path, embedder: TileEmbedder, settings: Dict[str,
             warnings.filterwarnings("ignore", message=".*no tile has enough tissue.*")
             result = embed_slide(
                 path, embedder, output_path=target, qc_path=qc_file if qc else None, reader=reader,
-                on_error=on_error, save_every=save_every, progress=False, **request,
+                on_error=on_error, save_every=save_every, progress=progress, progress_label=stem, **request,
             )
     except (H0miniError, OSError, ValueError) as error:
         logger.error("%s: %s", path, " ".join(str(error).split()))
