@@ -137,6 +137,7 @@ class SlideRegion(LazyTile):
         return image
 
 
+@dataclass(eq=False, repr=False)
 class SlideTiles(torch.utils.data.Dataset):
     """The tiles of one slide that would be embedded: a Dataset of lazily read regions.
 
@@ -145,16 +146,22 @@ class SlideTiles(torch.utils.data.Dataset):
     tissue under each kept tile (1.0 without detection).
     """
 
-    def __init__(self, source: SlideSource, plan: TilingPlan, coords: np.ndarray, tissue: Optional[TissueMask],
-                 tissue_settings: Dict[str, Any], tissue_fractions: np.ndarray, objective_power: Optional[float]):
-        self.source = source
-        self.plan = plan
-        self.coords = coords
-        self.tissue = tissue
-        self.tissue_settings = tissue_settings
-        self.tissue_fractions = tissue_fractions
-        self.objective_power = objective_power
-        self.stem = slide_stem(source.path)
+    source: SlideSource
+    plan: TilingPlan
+    coords: np.ndarray  # (N, 2) int64
+    tissue: Optional[TissueMask]
+    tissue_settings: Dict[str, Any]
+    tissue_fractions: np.ndarray
+    objective_power: Optional[float]
+
+    @property
+    def stem(self) -> str:
+        return slide_stem(self.source.path)
+
+    def __repr__(self) -> str:
+        plan = self.plan
+        return (f"SlideTiles({self.source.path!r}: {len(self)} tiles of {plan.tile_size} px at {plan.target_mpp:g} µm/px, "
+                f"level {plan.read_level} read at {plan.read_size} px, tissue={self.tissue_settings.get('method')})")
 
     @property
     def in_process_only(self) -> bool:
