@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import warnings
 
 import numpy as np
@@ -154,12 +156,16 @@ def test_confounded_centre_lowers_ri():
 
 def test_ri_excludes_same_slide_neighbours():
     # Each slide holds two identical tiles: without slide ids every nearest neighbour is the twin
-    # (same label, same centre: neither SO nor OS), so RI is undefined; with them it is not.
+    # (same label, same centre: neither SO nor OS), so RI is undefined: NaN, as PathoROB gives
+    # (0/0), with a warning, and another warning that slides were not given. With them it is defined.
     x, labels, centres, slides = centre_data(centre_strength=1.0, n_per_cell=10)
     x = np.repeat(x[::2], 2, axis=0)
     slides = np.repeat(np.arange(len(x) // 2), 2)
-    with pytest.raises(EvaluationInputError, match="undefined"):
-        robustness_index(x, labels, centres, k=1)
+    with pytest.warns(UserWarning) as caught:
+        undefined = robustness_index(x, labels, centres, k=1)
+    assert math.isnan(undefined.ri) and undefined.so == undefined.os == 0
+    messages = " ".join(str(w.message) for w in caught)
+    assert "undefined (0/0)" in messages and "PathoROB excludes every sample of the same slide" in messages
     assert 0.5 < robustness_index(x, labels, centres, slides=slides, k=1).ri <= 1.0
 
 

@@ -1,11 +1,12 @@
 """h0mini.eval: robustness and probing evaluations of tile embeddings (extra ``h0mini[eval]``).
 
 * ``plism``: PLISM stain/scanner robustness metrics (cosine similarity, top-k retrieval) for
-  pairs of registered slides, pair groups, aggregates and the leaderboard score.
+  pairs of registered slides, pair groups, aggregates and the leaderboard score, identical to
+  plism-benchmark's by default (its float16 arithmetic, tile subset and rounding).
 * ``perturb`` and ``report``: a robustness self-check on your own tiles, written as a report
   folder (CSV, Markdown, PNG plots); ``h0mini robustness`` on the command line.
-* ``probe``: eva-style linear probing, kNN and logistic-regression baselines, and the
-  robustness index (RI).
+* ``probe``: eva-style linear probing, kNN and logistic-regression baselines, PathoROB's
+  robustness index (RI) and de Jong et al.'s ratio.
 
 Everything works on any ``(N, D)`` array, such as ``h0mini.embed_tiles`` or ``h0mini embed``
 output. ``import h0mini`` never imports this package; pandas, matplotlib and scikit-learn are
@@ -26,17 +27,21 @@ from .plism import (
     cosine_similarity,
     evaluate_slides,
     find_feature_files,
+    leaderboard_results,
     leaderboard_score,
     load_slide_features,
     pair_metrics,
     parse_slide_name,
+    results_table,
     slide_pairs,
+    tile_subset,
     top_k_accuracy,
 )
 from .probe import (
     ProbeResult,
     RobustnessIndex,
     balanced_accuracy,
+    de_jong_ratio,
     knn_probe,
     linear_probe,
     logistic_probe,
@@ -62,8 +67,10 @@ __all__ = [
     "balanced_accuracy",
     "cosine_similarity",
     "evaluate_slides",
+    "de_jong_ratio",
     "find_feature_files",
     "knn_probe",
+    "leaderboard_results",
     "leaderboard_score",
     "linear_probe",
     "load_slide_features",
@@ -74,8 +81,10 @@ __all__ = [
     "parse_slide_name",
     "perturb",
     "robustness_index",
+    "results_table",
     "robustness_report",
     "run_probes",
     "slide_pairs",
+    "tile_subset",
     "top_k_accuracy",
 ]

@@ -4,9 +4,10 @@ The linear probe follows kaiko's eva protocol for frozen embeddings: one ``nn.Li
 cross-entropy, AdamW at lr 3e-4 (torch's default weight decay, 0.01), batches of 256 drawn from
 shuffled epochs, validation balanced accuracy checked every ``eval_every`` steps, the best head
 kept, training stopped after ``patience`` steps without improvement, and several seeds whose
-test scores are reported as mean and std. eva trains for 12,500 steps with patience 400 on
-GPU; the default here is 2,000 steps (early stopping ends most runs on cached embeddings
-sooner), and ``max_steps=12_500`` reproduces eva's budget.
+test scores are reported as mean ± std (``ddof=0``) over runs. The defaults are eva's budget for
+patch-level tasks: 12,500 steps and 5 runs, with early stopping after 5% of the run without
+improvement (eva's leaderboard protocol, "5% * max epochs"; 625 steps here). ``QUICK_PROBE``
+(2,000 steps, patience 400) is a named shortcut for smoke tests; its numbers are not eva's.
 
 On CPU the head trains with one intra-op thread for the duration of the call (restored
 afterwards): a linear head on cached embeddings is bound by per-operation overhead, and more
@@ -15,10 +16,14 @@ threads only add synchronisation (measured 30x slower with 2 threads on a busy 2
 Balanced accuracy is the mean recall over the classes present in the true labels
 (scikit-learn's ``balanced_accuracy_score``).
 
-The robustness index (PathoROB, de Jong et al.): over each sample's k nearest neighbours
-(cosine), with neighbours from the same slide excluded, count SO (same biological label, other
-centre) and OS (other label, same centre); ``RI = sum SO / (sum SO + sum OS)``. Above 0.5,
-biology dominates the embedding; below, the centre (stain, scanner, site) does.
+The robustness index is PathoROB's (Kömen et al. 2025, "Towards robust foundation models for
+digital pathology", github.com/bifold-pathomics/PathoROB): over each sample's k nearest
+neighbours (cosine), with neighbours from the same slide excluded as PathoROB always does, count
+SO (same biological label, other centre) and OS (other label, same centre);
+``RI = sum SO / (sum SO + sum OS)``. Above 0.5, biology dominates the embedding; below, the
+centre (stain, scanner, site) does. ``de_jong_ratio`` is de Jong et al.'s earlier ratio
+``(SS + SO) / (SS + OS)`` over the same neighbours. Neighbours are ranked in float64 and a tie
+goes to the lower sample index.
 """
 
 from __future__ import annotations
@@ -35,11 +40,20 @@ import numpy as np
 import torch
 
 from ..errors import EvaluationInputError
-from .plism import import_optional, resolve_device
+from .common import import_optional, resolve_device
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+
+EVA_MAX_STEPS = 12_500
+"""eva's optimiser steps for patch-level linear probes."""
+
+EVA_PATIENCE = EVA_MAX_STEPS // 20
+"""eva's early stopping: 5% of the run without a better validation score."""
+
+QUICK_PROBE = {"max_steps": 2_000, "patience": 400}
+"""A short budget for smoke tests (``linear_probe(..., **QUICK_PROBE)``); not eva's numbers."""
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[Any]]
 
@@ -310,12 +324,12 @@ def linear_probe(
     split: Optional[ArrayLike] = None,
     groups: Optional[ArrayLike] = None,
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
-    max_steps: int = 2000,
+    max_steps: int = EVA_MAX_STEPS,
     batch_size: int = 256,
     lr: float = 3e-4,
     weight_decay: float = 0.01,
     eval_every: int = 50,
-    patience: int = 400,
+    patience: int = EVA_PATIENCE,
     device: Union[str, torch.device, None] = None,
 ) -> ProbeResult:
     """Train a linear head on frozen embeddings, eva style, over several seeds.
@@ -327,10 +341,11 @@ def linear_probe(
             label, or by ``groups`` when given.
         groups: ``N`` group ids (slide, patient) kept within one split when the split is made here.
         seeds: one run per seed (initialisation and batch order). Default: 5 runs, as eva.
-        max_steps: optimiser steps per run (eva: 12,500). Default 2,000.
+        max_steps: optimiser steps per run. Default 12,500 (eva); ``QUICK_PROBE`` has a short setting.
         batch_size, lr, weight_decay: AdamW settings. Defaults: 256, 3e-4, 0.01.
         eval_every: steps between validation checks.
         patience: stop after this many steps without a better validation balanced accuracy.
+            Default 625 (eva: 5% of the run).
         device: torch device, or ``"auto"`` (CUDA when available). Default: CPU.
 
     Returns:
@@ -452,7 +467,8 @@ def run_probes(
     split: Optional[ArrayLike] = None,
     groups: Optional[ArrayLike] = None,
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
-    max_steps: int = 2000,
+    max_steps: int = EVA_MAX_STEPS,
+    patience: int = EVA_PATIENCE,
     knn_k: int = 20,
     device: Union[str, torch.device, None] = None,
 ) -> Any:
@@ -467,7 +483,7 @@ def run_probes(
     labels = _vector(labels, len(x), "labels")
     split = _resolve_split(labels, split, groups, need_val=True, seed=int(seeds[0]) if seeds else 0)
     results = [
-        linear_probe(x, labels, split=split, seeds=seeds, max_steps=max_steps, device=device),
+        linear_probe(x, labels, split=split, seeds=seeds, max_steps=max_steps, patience=patience, device=device),
         knn_probe(x, labels, split=split, k=knn_k),
         logistic_probe(x, labels, split=split),
     ]
@@ -478,34 +494,36 @@ def run_probes(
 # Robustness index
 
 
-def robustness_index(
+@dataclass
+class NeighbourCounts:
+    """Over ``n`` samples' ``k`` nearest neighbours from other slides: how many share label and/or centre."""
+
+    ss: int  # same label, same centre
+    so: int  # same label, other centre
+    os: int  # other label, same centre
+    oo: int  # other label, other centre
+    k: int
+    n: int
+
+
+def neighbour_counts(
     embeddings: ArrayLike,
     labels: ArrayLike,
     centres: ArrayLike,
     *,
-    slides: Optional[ArrayLike] = None,
+    slides: Optional[ArrayLike],
     k: int = 10,
     chunk_size: int = 1024,
     device: Union[str, torch.device, None] = None,
-) -> RobustnessIndex:
-    """PathoROB's robustness index: do neighbours share biology or centre?
+) -> NeighbourCounts:
+    """Count SS/SO/OS/OO over each sample's ``k`` nearest neighbours (cosine, float64), other slides only.
 
-    Args:
-        embeddings: ``(N, D)`` features.
-        labels: ``N`` biological labels (tissue class, cancer type).
-        centres: ``N`` centre ids (hospital, stain protocol, scanner).
-        slides: ``N`` slide ids; neighbours from the same slide are excluded (they share both
-            biology and centre trivially). Default: only the sample itself is excluded.
-        k: neighbours per sample (cosine similarity).
-        chunk_size: rows per similarity block.
-        device: torch device, or ``"auto"`` (CUDA when available). Default: CPU.
-
-    Returns:
-        ``RobustnessIndex(ri, so, os, k, n)``; ``ri`` in [0, 1], above 0.5 biology dominates.
+    Without ``slides`` only the sample itself is excluded, and a warning says so: PathoROB always
+    excludes the sample's own slide, whose tiles trivially share its label and centre.
 
     Raises:
-        EvaluationInputError (a ValueError): mismatched lengths, NaN or zero embeddings, fewer than ``k`` eligible
-            neighbours for some sample, or no SO/OS neighbour at all (e.g. a single centre).
+        EvaluationInputError (a ValueError): mismatched lengths, NaN or zero embeddings, a single
+            centre, or fewer than ``k`` neighbours outside some sample's slide.
     """
     x = _embeddings(embeddings)
     n = len(x)
@@ -514,13 +532,21 @@ def robustness_index(
     slides = _vector(slides, n, "slides")
     if k < 1:
         raise EvaluationInputError(f"k must be >= 1, got {k}")
+    if slides is None:
+        warnings.warn(
+            "robustness_index without slides= excludes only each sample itself from its neighbours; PathoROB "
+            "excludes every sample of the same slide (they share label and centre trivially and inflate SS), so "
+            "this RI is not PathoROB's. Pass slides= (one slide id per sample)",
+            UserWarning,
+            stacklevel=3,
+        )
     device = resolve_device(device)
     _, label_codes = encode_labels(labels)
     _, centre_codes = encode_labels(centres)
     slide_codes = encode_labels(slides)[1] if slides is not None else np.arange(n)
     if len(np.unique(centre_codes)) < 2:
         raise EvaluationInputError("centres has a single value: the robustness index needs at least two centres")
-    features = torch.from_numpy(x).to(device)
+    features = torch.from_numpy(x.astype(np.float64)).to(device)
     norms = torch.linalg.vector_norm(features, dim=1, keepdim=True)
     if (norms == 0).any():
         raise EvaluationInputError(f"embedding row {int((norms[:, 0] == 0).nonzero()[0, 0])} is all zeros; cosine is undefined")
@@ -528,7 +554,7 @@ def robustness_index(
     lab = torch.from_numpy(label_codes).to(device)
     cen = torch.from_numpy(centre_codes).to(device)
     sli = torch.from_numpy(slide_codes).to(device)
-    so = os_ = 0
+    counts = {"ss": 0, "so": 0, "os": 0, "oo": 0}
     with torch.inference_mode():
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
@@ -541,21 +567,91 @@ def robustness_index(
                     f"sample {row} has only {int(eligible.min())} neighbours outside its slide; lower k (now {k})"
                 )
             sims.masked_fill_(same_slide, -math.inf)
-            neighbours = torch.topk(sims, k, dim=1).indices
+            # stable descending sort: equal similarities keep index order, so a tie goes to the lower index
+            neighbours = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k]
             same_label = lab[neighbours] == lab[start:stop, None]
             same_centre = cen[neighbours] == cen[start:stop, None]
-            so += int((same_label & ~same_centre).sum())
-            os_ += int((~same_label & same_centre).sum())
-    if so + os_ == 0:
-        raise EvaluationInputError(
-            "no neighbour has the same label and another centre, or another label and the same centre: "
-            "the robustness index is undefined for this data (check labels and centres)"
+            counts["ss"] += int((same_label & same_centre).sum())
+            counts["so"] += int((same_label & ~same_centre).sum())
+            counts["os"] += int((~same_label & same_centre).sum())
+            counts["oo"] += int((~same_label & ~same_centre).sum())
+    return NeighbourCounts(**counts, k=int(k), n=n)
+
+
+def _ratio(numerator: int, denominator: int, what: str) -> float:
+    if denominator == 0:
+        warnings.warn(
+            f"{what} is undefined (0/0): no neighbour falls in its denominator; it is NaN, as in PathoROB. "
+            f"Check labels and centres",
+            UserWarning,
+            stacklevel=3,
         )
-    return RobustnessIndex(ri=so / (so + os_), so=so, os=os_, k=int(k), n=n)
+        return math.nan
+    return numerator / denominator
+
+
+def robustness_index(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    centres: ArrayLike,
+    *,
+    slides: Optional[ArrayLike] = None,
+    k: int = 10,
+    chunk_size: int = 1024,
+    device: Union[str, torch.device, None] = None,
+) -> RobustnessIndex:
+    """PathoROB's robustness index (Kömen et al. 2025): do neighbours share biology or centre?
+
+    Args:
+        embeddings: ``(N, D)`` features.
+        labels: ``N`` biological labels (tissue class, cancer type).
+        centres: ``N`` centre ids (hospital, stain protocol, scanner).
+        slides: ``N`` slide ids; neighbours from the same slide are excluded, as in PathoROB.
+            Without them only the sample itself is excluded, with a warning (not PathoROB's RI).
+        k: neighbours per sample (cosine similarity, ranked in float64; a tie goes to the lower index).
+        chunk_size: rows per similarity block.
+        device: torch device, or ``"auto"`` (CUDA when available). Default: CPU.
+
+    Returns:
+        ``RobustnessIndex(ri, so, os, k, n)``; ``ri`` in [0, 1], above 0.5 biology dominates; NaN
+        (with a warning) when no neighbour is SO or OS, as PathoROB gives.
+
+    Raises:
+        EvaluationInputError (a ValueError): mismatched lengths, NaN or zero embeddings, a single
+            centre, or fewer than ``k`` eligible neighbours for some sample.
+    """
+    counts = neighbour_counts(embeddings, labels, centres, slides=slides, k=k, chunk_size=chunk_size, device=device)
+    ri = _ratio(counts.so, counts.so + counts.os, "the robustness index SO / (SO + OS)")
+    return RobustnessIndex(ri=ri, so=counts.so, os=counts.os, k=counts.k, n=counts.n)
+
+
+def de_jong_ratio(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    centres: ArrayLike,
+    *,
+    slides: Optional[ArrayLike] = None,
+    k: int = 10,
+    chunk_size: int = 1024,
+    device: Union[str, torch.device, None] = None,
+) -> float:
+    """de Jong et al.'s ratio ``(SS + SO) / (SS + OS)`` over the same neighbours as ``robustness_index``.
+
+    Above 1, neighbours share the biological label more often than the centre.
+
+    Returns:
+        The ratio; NaN with a warning when ``SS + OS`` is 0.
+    """
+    counts = neighbour_counts(embeddings, labels, centres, slides=slides, k=k, chunk_size=chunk_size, device=device)
+    return _ratio(counts.ss + counts.so, counts.ss + counts.os, "de Jong et al.'s ratio (SS + SO) / (SS + OS)")
 
 
 __all__ = [
+    "EVA_MAX_STEPS",
+    "EVA_PATIENCE",
+    "QUICK_PROBE",
     "ProbeResult",
+    "de_jong_ratio",
     "RobustnessIndex",
     "balanced_accuracy",
     "encode_labels",
@@ -563,6 +659,7 @@ __all__ = [
     "linear_probe",
     "logistic_probe",
     "make_split",
+    "neighbour_counts",
     "robustness_index",
     "run_probes",
 ]

@@ -26,7 +26,8 @@ from PIL import Image
 from ..errors import EvaluationInputError, InvalidTileError
 from ..tiles import open_image, to_rgb
 from .perturb import PERTURBATIONS, Perturbation, get_perturbation
-from .plism import TOP_K, _progress_bar, import_optional, metric_names, pair_metrics
+from .common import import_optional, progress_bar
+from .plism import TOP_K, metric_names, pair_metrics
 
 EmbedFn = Callable[[List[Image.Image]], Any]
 """``embed_fn(list_of_PIL_RGB_images) -> (N, D)`` array, one row per image, in order."""
@@ -221,7 +222,7 @@ def robustness_report(
     out = Path(output_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     total = len(models) * (1 + sum(len([s for s in levels if s > 0]) for _, levels in chosen))
-    bar = _progress_bar(progress, total=total, unit="set", desc="robustness")
+    bar = progress_bar(progress, total=total, unit="set", desc="robustness")
     rows: List[Dict[str, Any]] = []
     try:
         originals = {}
