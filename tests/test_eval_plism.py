@@ -461,3 +461,35 @@ def test_plismbench_layout_strips_coordinate_columns_by_default(tmp_path):
     # The explicit argument wins: all columns are features.
     raw = evaluate_slides(tmp_path, ks=(1,), coords_columns=0, precision="float32")
     assert raw.loc[0, "cosine_similarity"] != pytest.approx(want["cosine_similarity"], abs=1e-3)
+
+
+# --- float32 mode: duplicated tiles ------------------------------------------------------------
+
+
+def test_float32_duplicate_tiles_tie_goes_to_the_match():
+    # Tile 2i+1 repeats tile 2i in both slides. For A_2i, B_2i+1 equals the target B_2i: a tie the
+    # matched tile wins (as documented), however the matrix product rounds the two similarities.
+    # A_2i+1 equals A_2i itself, so it is a real competitor (similarity 1). Reference: float64
+    # brute force with that rule.
+    rng = np.random.default_rng(12)
+    base = rng.normal(size=(40, 24))
+    a, b = base + 0.7 * rng.normal(size=base.shape), base + 0.7 * rng.normal(size=base.shape)
+    a[1::2], b[1::2] = a[0::2], b[0::2]
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    pooled = np.concatenate([a, b]).astype(np.float64)
+    unit = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    n = len(a)
+    ranks = []
+    for row in range(2 * n):
+        target = (row + n) % (2 * n)
+        identical_to_target = np.all(pooled == pooled[target], axis=1)
+        beats = (sims[row] > sims[row, target]) & ~identical_to_target
+        beats[row] = False
+        ranks.append(int(beats.sum()))
+    ranks = np.array(ranks)
+    got = pair_metrics(a, b, ks=(1, 3, 5), precision="float32", chunk_size=9)
+    for k in (1, 3, 5):
+        want = ((ranks[:n] < k).mean() + (ranks[n:] < k).mean()) / 2
+        assert got[f"top_{k}_accuracy"] == want, k
+    assert got["top_3_accuracy"] > 0  # duplicates do not hide every match

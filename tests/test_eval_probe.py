@@ -202,3 +202,47 @@ def test_probes_accept_device_auto():
     xs, labels, centres, slides = centre_data(centre_strength=1.0, n_per_cell=10)
     cpu = robustness_index(xs, labels, centres, slides=slides, device="cpu")
     assert robustness_index(xs, labels, centres, slides=slides, device="auto").ri == pytest.approx(cpu.ri)
+
+
+def test_linear_probe_defaults_are_evas_budget():
+    # eva's patch-level protocol: AdamW lr 3e-4, batch 256, 12,500 steps, 5 runs, weight decay
+    # 0.01 (torch's default), early stopping after 5% of the run. QUICK_PROBE is the named shortcut.
+    import inspect
+
+    from h0mini.eval.probe import EVA_MAX_STEPS, EVA_PATIENCE, QUICK_PROBE, linear_probe, run_probes
+
+    params = inspect.signature(linear_probe).parameters
+    assert params["max_steps"].default == EVA_MAX_STEPS == 12_500
+    assert params["patience"].default == EVA_PATIENCE == 625
+    assert params["lr"].default == 3e-4 and params["batch_size"].default == 256
+    assert params["weight_decay"].default == 0.01 and len(params["seeds"].default) == 5
+    assert inspect.signature(run_probes).parameters["max_steps"].default == 12_500
+    assert QUICK_PROBE == {"max_steps": 2_000, "patience": 400}
+
+
+def test_ri_neighbours_agree_with_sklearn_float64():
+    # PathoROB ranks neighbours with scikit-learn in float64; same-slide neighbours are removed.
+    from sklearn.neighbors import NearestNeighbors
+
+    from h0mini.eval.probe import neighbour_counts
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(90, 12)).astype(np.float32)
+    labels, centres, slides = rng.integers(0, 3, 90), rng.integers(0, 3, 90), np.repeat(np.arange(30), 3)
+    k = 7
+    found = NearestNeighbors(n_neighbors=len(x), metric="cosine", algorithm="brute").fit(x.astype(np.float64))
+    order = found.kneighbors(x.astype(np.float64), return_distance=False)
+    want = {"ss": 0, "so": 0, "os": 0, "oo": 0}
+    for i, row in enumerate(order):
+        kept = [j for j in row if slides[j] != slides[i]][:k]
+        for j in kept:
+            key = ("s" if labels[j] == labels[i] else "o") + ("s" if centres[j] == centres[i] else "o")
+            want[key] += 1
+    got = neighbour_counts(x, labels, centres, slides=slides, k=k)
+    assert {"ss": got.ss, "so": got.so, "os": got.os, "oo": got.oo} == want
+    ri = robustness_index(x, labels, centres, slides=slides, k=k)
+    assert ri.ri == want["so"] / (want["so"] + want["os"])
+    from h0mini.eval import de_jong_ratio
+
+    ratio = de_jong_ratio(x, labels, centres, slides=slides, k=k)
+    assert ratio == (want["ss"] + want["so"]) / (want["ss"] + want["os"])
