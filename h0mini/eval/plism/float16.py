@@ -39,6 +39,9 @@ from .inputs import ArrayLike, as_matrix, check_finite, zero_row_error
 EXTRA_CANDIDATES = 16
 """Approximate neighbours kept per row beyond ``kmax + 1``, from each half of the pooled row."""
 
+PAIRWISE_LIMIT = 256
+"""Up to this many candidates per row, brackets are compared pairwise to skip exact recomputation."""
+
 UNIT_ROUNDOFF = 2.0**-24  # float32
 HALF_ULP = 2.0**-11  # float16 relative rounding bound
 
@@ -211,8 +214,15 @@ def _select(
     low, high = pool.bounds(row_of, cols, approx)
     threshold = torch.topk(low, kmax + 1, dim=1).values[:, -1]
     reach = high >= threshold[:, None]
-    values = torch.where(reach & (low == high), low, torch.full_like(low, -math.inf))
-    unsure = reach & (low != high)
+    # Only the order of the entries that can reach the top matters to argpartition. An entry whose
+    # bracket meets no other's keeps its place with its lower bound; the others get exact values.
+    values = torch.where(reach, low, torch.full_like(low, -math.inf))
+    if width <= PAIRWISE_LIMIT:
+        meets = (low[:, :, None] <= high[:, None, :]) & (low[:, None, :] <= high[:, :, None]) & reach[:, None, :]
+        meets &= ~torch.eye(width, dtype=torch.bool, device=cols.device)
+        unsure = reach & meets.any(dim=2)
+    else:
+        unsure = reach & (low != high)
     if unsure.any():
         values[unsure] = pool.exact(row_of[unsure], cols[unsure])
     # the first kmax + 1 positions of the full row, then the other entries that can reach the top, in row order
