@@ -38,6 +38,7 @@ from .plism import (
     top_k_accuracy,
 )
 from .probe import (
+    QUICK_PROBE,
     ProbeResult,
     RobustnessIndex,
     balanced_accuracy,
@@ -56,6 +57,7 @@ __all__ = [
     "PERTURBATIONS",
     "PLISM_SCANNERS",
     "PLISM_STAININGS",
+    "QUICK_PROBE",
     "SLIDE_PATTERN",
     "TOP_K",
     "Perturbation",

@@ -173,7 +173,7 @@ def robustness_report(
     seed: int = 0,
     ks: Sequence[int] = TOP_K,
     n_examples: int = 2,
-    precision: str = "float16",
+    precision: str = "float32",
     tile_names: Optional[Sequence[str]] = None,
     progress: Optional[bool] = None,
 ) -> RobustnessReport:
@@ -191,7 +191,8 @@ def robustness_report(
         seed: fixes the random directions of the perturbations.
         ks: top-k values reported.
         n_examples: how many tiles get an example sheet (0 for none).
-        precision: ``"float16"`` (PLISM's comparison precision) or ``"float32"``.
+        precision: ``"float32"`` (default: an unperturbed tile finds itself, top-k 1) or ``"float16"``
+            (plism-benchmark's own arithmetic, which drops one of two identical tiles as "the tile itself").
         tile_names: names of the tiles in the report (default: file names, or ``tile_<i>``).
         progress: a progress bar over embedding calls; default only on a terminal.
 
