@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -192,18 +192,6 @@ class SlideStore:
             f"same order) across slides, e.g. a tile skipped by `h0mini embed --on-error skip` in one slide only; "
             f"embed the same tiles for every slide, or pass check_coords=False to compare anyway"
         )
-
-
-def _blocked_pairs(names: Sequence[str], block: int) -> Iterator[Tuple[str, str]]:
-    """All pairs ``(a, b)`` with ``a < b``, visited block by block so that a cache of ``2 * block``
-    slides loads each slide about ``len(names) / block`` times instead of once per pair."""
-    blocks = [names[i : i + block] for i in range(0, len(names), block)]
-    for i, first in enumerate(blocks):
-        for second in blocks[i:]:
-            for a in first:
-                for b in second:
-                    if a < b:
-                        yield a, b
 
 
 __all__ = ["Prepared", "SlideStore"]
