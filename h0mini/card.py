@@ -138,7 +138,7 @@ def render_model_card(
         f"(shorter side to {round(size / prep['crop_pct'])} px, {prep['interpolation']}) and centre-cropped "
         f"to {size} px.\n"
         f"- Scaled to [0, 1], then normalised with mean {_floats(prep['mean'])} and std {_floats(prep['std'])} "
-        "(the H-optimus-0 values, not ImageNet's).\n"
+        f"({_normalisation_name(prep['mean'], prep['std'])}).\n"
         "- `h0mini.embed_tiles` does all of this itself; on CUDA it runs in float16 autocast.",
         "## Provenance of the weights",
         _table(("field", "value"), _provenance_rows(weights)),
@@ -180,6 +180,21 @@ def _preprocessing(given: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
         "mean": tuple(given.get("mean") or MEAN),
         "std": tuple(given.get("std") or STD),
     }
+
+
+_IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _normalisation_name(mean: Sequence[float], std: Sequence[float]) -> str:
+    """Name the values the weights were trained with, so a card never claims H-optimus-0's for others."""
+    def same(a: Sequence[float], b: Sequence[float]) -> bool:
+        return len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b))
+
+    if same(mean, MEAN) and same(std, STD):
+        return "the H-optimus-0 values, not ImageNet's"
+    if same(mean, _IMAGENET_MEAN_STD[0]) and same(std, _IMAGENET_MEAN_STD[1]):
+        return "ImageNet's values, not H-optimus-0's"
+    return "the values these weights were trained with, neither H-optimus-0's nor ImageNet's"
 
 
 def _provenance_rows(weights: Mapping[str, Any]) -> List[tuple]:

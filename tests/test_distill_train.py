@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -285,3 +287,78 @@ def test_sigterm_checkpoints_after_the_step_and_stops(assets):
     assert result.interrupted and not result.finished and result.step == 2
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002.pt"]
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+
+
+def test_sigterm_to_the_process_group_with_workers_checkpoints_and_exits_130(assets, tmp_path):
+    """What timeout, SLURM and Ctrl-C do: signal every process of the group, DataLoader workers included."""
+    out = tmp_path / "group"
+    args = [a for a in _args(assets, out, "train.iterations=100000", "train.batch_size=4", "train.log_every=1",
+                             "train.checkpoint_every=100000") if a not in ("-q", "data.num_workers=0")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "h0mini.distill", *args, "data.num_workers=2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "killed by signal" not in err
+    saved = [p.name for p in (out / "checkpoints").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("step_"), saved
+
+
+def test_metrics_keep_one_record_per_step_after_a_resume(assets):
+    out = assets["root"] / "metrics_resume"
+    run = ["train.iterations=6", "train.batch_size=4", "train.checkpoint_every=3", "train.log_every=1"]
+    assert main(_args(assets, out, *run)) == 0
+    (out / "checkpoints" / "step_00000006.pt").unlink()  # killed after logging steps 4-6, before their checkpoint
+    shutil.rmtree(out / "export")
+    assert main(_args(assets, out, *run)) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(assets, damage, caplog, tmp_path):
+    out = tmp_path / damage
+    run = ["train.iterations=4", "train.batch_size=4", "train.checkpoint_every=2", "train.keep_last=3"]
+    assert main(_args(assets, out, *run, "train.max_run_steps=2")) == 0
+    good = out / "checkpoints" / "step_00000002.pt"
+    bad = out / "checkpoints" / "step_00000003.pt"
+    witness = tmp_path / "pickle_ran"
+    if damage == "truncated":
+        bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    else:
+        torch.save({"step": 3, "payload": _RunsCode(str(witness))}, bad)
+    stale = out / "checkpoints" / f".step_00000004.pt.{os.getpid() + 1}.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    with caplog.at_level("WARNING", logger="h0mini"):
+        assert main(_args(assets, out, *run)) == 0
+    assert any("step_00000003.pt" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert not witness.exists()  # the pickle was never executed
+    assert not stale.exists()
+    assert (out / "export" / "model.safetensors").exists()
+
+
+def test_no_intact_checkpoint_is_a_one_line_error(assets, tmp_path, capsys):
+    out = tmp_path / "all_bad"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000002.pt").write_bytes(b"PK\x03\x04 not really")
+    assert main(_args(assets, out, "train.iterations=4", "train.batch_size=4")) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "step_00000002.pt" in errors[0] and "intact" in errors[0], errors
+
+
+class _RunsCode:
+    """Unpickling this creates a file: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))

@@ -33,6 +33,7 @@ import logging
 import os
 import random
 import re
+import signal
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,7 +377,16 @@ class TileStream(IterableDataset):
 
 
 def _worker_init(_: int) -> None:
+    """One thread per worker; the stop signals are the main process's to handle.
+
+    ``timeout``, SLURM and Ctrl-C signal the whole process group: a worker killed by
+    them would take the main process down before it checkpoints, so workers ignore
+    them and the main process finishes its step, saves and shuts the workers down.
+    """
     torch.set_num_threads(1)
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def build_loader(config: DistillConfig, sources: Sources, *, rank: int, world_size: int, local_batch: int,

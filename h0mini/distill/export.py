@@ -15,13 +15,15 @@ Publishing is one huggingface_hub call (not made here: it needs your token and i
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from ..card import render_model_card
 from ..constants import CONFIG_NAME, SAFETENSORS_NAME
@@ -39,6 +41,27 @@ def _jsonable(value: Any) -> bool:
         return True
     except TypeError:
         return False
+
+
+def safetensors_bytes(state: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> bytes:
+    """A safetensors file whose bytes depend on the tensors and metadata only.
+
+    The library writes ``__metadata__`` from a hash map, so its key order (and the
+    file's sha256) changes from one process to the next; the header is rewritten
+    here as sorted, compact JSON, space-padded to 8 bytes as the format allows.
+    """
+    raw = save(state, metadata=metadata)
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + length:]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def hub_config(model: torch.nn.Module, config: DistillConfig) -> Dict[str, Any]:
@@ -144,8 +167,10 @@ def export_student(model: torch.nn.Module, folder: Path, config: DistillConfig, 
     folder.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in model.state_dict().items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: the published folder follows the umask like any other
     try:
-        save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt", "producer": f"h0mini.distill {__version__}"})
+        (tmp / SAFETENSORS_NAME).write_bytes(safetensors_bytes(
+            state, {"format": "pt", "producer": f"h0mini.distill {__version__}"}))
         (tmp / CONFIG_NAME).write_text(json.dumps(hub_config(model, config), indent=2) + "\n")
         (tmp / "training_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(

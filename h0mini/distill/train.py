@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import IncompatibleCheckpointError
 from ..version import __version__
 from .config import ConfigError, DistillConfig, save_config, validate, validate_patch_size, validate_world
 from .data import build_loader, resolve_sources
@@ -152,9 +153,11 @@ class Checkpointer:
     def paths(self) -> List[Path]:
         return sorted(self.folder.glob("step_*.pt"))
 
-    def latest(self) -> Optional[Path]:
-        paths = self.paths()
-        return paths[-1] if paths else None
+    def remove_stale_temp_files(self) -> None:
+        """Half-written ``.step_*.pt.PID.tmp`` files of a run that was killed mid-save (rank 0 is the only writer)."""
+        for stale in self.folder.glob(".step_*.pt.*.tmp"):
+            logger.info("removing %s, left by an interrupted save", stale)
+            stale.unlink(missing_ok=True)
 
     def save(self, step: int, state: Dict[str, Any]) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -255,6 +258,27 @@ class MetricLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Keep ``metrics.jsonl`` one record per step: lines past the step a run resumes from are replayed, so drop them."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) > step:
+                continue
+        except (ValueError, KeyError, TypeError):  # a line cut by a kill: its step will be logged again
+            continue
+        kept.append(line)
+    if len(kept) != len(lines):
+        logger.info("%s: dropped %d record(s) past step %d, which this run repeats", path.name,
+                    len(lines) - len(kept), step)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 def memory_gib(device: torch.device) -> float:
@@ -367,11 +391,13 @@ def _train(config: DistillConfig, world: World, teacher_module: Optional[nn.Modu
         raise ConfigError("train.resume", f"{str(checkpointer.folder)!r} holds checkpoints of an earlier run, which "
                           "would mix with this one's: resume it (train.resume=true), choose another output_dir, "
                           "or delete that folder")
-    latest = checkpointer.latest() if c.train.resume else None
-    if latest is not None:
-        start_step = _load_checkpoint(latest, distiller, ema, optimizer, world, c)
+    if world.main:
+        checkpointer.remove_stale_temp_files()
+    if c.train.resume and checkpointer.paths():
+        start_step = _resume(checkpointer, distiller, ema, optimizer, world, c)
     if world.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        drop_records_after(out_dir / METRICS_FILE, start_step)
         save_config(c, out_dir / CONFIG_FILE)
         logger.info("teacher %s (%d-d, %s params, heads: %s), student %s (%s params, %d-d), %s, %d rank(s) x %d tiles",
                     c.teacher.model if teacher_module is None else type(teacher_module).__name__, teacher_dim,
@@ -545,9 +571,47 @@ def _save_checkpoint(checkpointer: Checkpointer, step: int, distiller: Distiller
     _barrier(world)
 
 
-def _load_checkpoint(path: Path, distiller: Distiller, ema: EMA, optimizer: torch.optim.Optimizer, world: World,
-                     c: DistillConfig) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+CHECKPOINT_KEYS = ("step", "trainable", "ema", "optimizer", "rng", "config")
+
+
+def read_checkpoint(path: Path) -> Dict[str, Any]:
+    """A training checkpoint's state, loaded as tensors and plain data only (never unpickling code).
+
+    Raises:
+        IncompatibleCheckpointError: the file is truncated, not a torch file, holds objects
+            other than tensors and plain data (a pickle that would run code), or lacks a key.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # zipfile, EOF, UnpicklingError...: torch raises many kinds for a bad file
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise IncompatibleCheckpointError(f"{str(path)!r} cannot be read as a training checkpoint "
+                                          f"({type(error).__name__}: {reason})") from error
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise IncompatibleCheckpointError(f"{str(path)!r} is not an h0mini.distill checkpoint (missing {missing})")
+    return state
+
+
+def _resume(checkpointer: Checkpointer, distiller: Distiller, ema: EMA, optimizer: torch.optim.Optimizer,
+            world: World, c: DistillConfig) -> int:
+    """Load the newest checkpoint that reads; a damaged newer one is skipped with a warning naming it."""
+    skipped = []
+    for path in reversed(checkpointer.paths()):
+        try:
+            state = read_checkpoint(path)
+        except IncompatibleCheckpointError as error:
+            logger.warning("skipping checkpoint %s: %s", path, error)
+            skipped.append(path.name)
+            continue
+        return _load_checkpoint(path, state, distiller, ema, optimizer, world, c)
+    raise IncompatibleCheckpointError(
+        f"no intact checkpoint in {str(checkpointer.folder)!r} ({', '.join(skipped)} could not be read): move them "
+        "away to start over (train.resume=false needs an empty folder), or choose another output_dir")
+
+
+def _load_checkpoint(path: Path, state: Dict[str, Any], distiller: Distiller, ema: EMA,
+                     optimizer: torch.optim.Optimizer, world: World, c: DistillConfig) -> int:
     check_resumable(state.get("config", {}), c, path)
     distiller.trainable.load_state_dict(state["trainable"])
     ema.model.load_state_dict(state["ema"])
