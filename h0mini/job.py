@@ -25,10 +25,12 @@ from .embed import TileEmbedder, make_progress
 from .errors import InvalidTileError
 from .tiles import LazyTile, TileInput, TileRef, expand_path
 from .version import __version__
-from .writers import Embeddings, atomic_path, check_format, read_embeddings, write_embeddings
+from .writers import (Embeddings, atomic_path, check_format, check_writable, raise_if_disk_full, read_embeddings,
+                      write_embeddings)
 
 logger = logging.getLogger(__name__)
 
+_KEPT = "the finished batches were kept in {parts!r}: free some space and rerun the same command to resume"
 _COORDS_IN_NAME = (re.compile(r"(?:^|[_-])x(\d+)[_-]y(\d+)(?:$|[_-])"), re.compile(r"^(\d+)_(\d+)$"))
 
 
@@ -96,6 +98,7 @@ def embed_to_file(
     """
     output_path = Path(output_path)
     check_format(output_path, embedder.output)
+    check_writable(output_path)
     if slide_pool not in (None, "mean"):
         raise ValueError(f"slide_pool must be None or 'mean', got {slide_pool!r}")
     refs = gather_tiles(inputs)
@@ -130,10 +133,17 @@ def embed_to_file(
         if error.source in position:  # name the tile by its place in the user's input, not in this run's
             raise InvalidTileError(error.reason, index=position[error.source], source=error.source) from None
         raise
+    except OSError as error:
+        raise_if_disk_full(error, parts.folder, _KEPT.format(parts=str(parts.folder)))
+        raise
     except BaseException:
         parts.flush()
         raise
-    parts.flush()
+    try:
+        parts.flush()
+    except OSError as error:
+        raise_if_disk_full(error, parts.folder, _KEPT.format(parts=str(parts.folder)))
+        raise
     done.update(parts.load())
     kept = [r for r in refs if tile_key(r) in done]
     shapes = embedder.output_shape()
@@ -154,7 +164,11 @@ def embed_to_file(
         coords = np.zeros((0, 2), np.int64)
     embeddings = Embeddings(arrays, [tile_key(r) for r in kept], coords, provenance, skipped,
                             dict(coords_attrs or {}), pooled)
-    write_embeddings(output_path, embeddings)
+    try:
+        write_embeddings(output_path, embeddings)
+    except OSError as error:
+        raise_if_disk_full(error, output_path, _KEPT.format(parts=str(parts.folder)))
+        raise
     parts.remove()
     return JobResult(output_path, embedded=len(kept) - reused, reused=reused, skipped=skipped)
 

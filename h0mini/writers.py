@@ -8,9 +8,10 @@ preprocessing).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-from .errors import OptionalDependencyError
+from .errors import OptionalDependencyError, OutputNotWritableError
 
 FORMATS = (".h5", ".hdf5", ".npy", ".pt", ".parquet")
 SLIDE_FEATURES = "slide_features"  # the slide-level vector, beside the tile rows
@@ -59,16 +60,98 @@ def check_format(path: Path, output: str) -> None:
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``, renamed onto it only when the block succeeds."""
+    """A temporary path beside ``path``, renamed onto it only when the block succeeds.
+
+    The temporary name ``.NAME.PID-RANDOM.tmp`` carries the writer's process id, so a later run
+    can tell the leftovers of a killed writer (see ``remove_stale_temp``) from a live one's. The
+    file is created with mode 0666 less the umask, like any file the user creates.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temp(path: Path) -> List[Path]:
+    """Delete the temporary files ``atomic_path`` left beside ``path`` in runs that were killed.
+
+    A temporary file whose writer process is still alive is kept; one without a process id
+    (older versions) counts as stale. Returns the files removed.
+    """
+    removed = []
+    prefix = f".{path.name}."
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
+    except OSError:
+        return removed
+    for candidate in candidates:
+        middle = candidate.name[len(prefix):-len(".tmp")]
+        pid = middle.split("-", 1)[0] if "-" in middle else ""
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        try:
+            candidate.unlink()
+            removed.append(candidate)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def check_writable(path: Path, *, folder: bool = False) -> None:
+    """Fail before any work when the output file ``path`` (a folder with ``folder=True``) cannot be written.
+
+    Creates missing parent folders (as writing would), checks that a file can be created there,
+    and removes this output's temporary files left by killed runs.
+
+    Raises:
+        OutputNotWritableError: naming the path and the reason (a folder in the way, read-only,
+            no permission, a file where a folder should be).
+    """
+    path = Path(path)
+    where = "output folder" if folder else "output file"
+    if not folder and path.is_dir():
+        raise OutputNotWritableError(f"the {where} {str(path)!r} is a folder; name a file inside it, e.g. "
+                                     f"{str(path / 'features.h5')!r}")
+    if folder and path.exists() and not path.is_dir():
+        raise OutputNotWritableError(f"the {where} {str(path)!r} is a file; name a folder")
+    directory = path if folder else path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / ".h0mini-write-check") as probe:
+            probe.write_bytes(b"")
+        (directory / ".h0mini-write-check").unlink()
+    except OSError as error:
+        raise OutputNotWritableError(
+            f"cannot write the {where} {str(path)!r} ({error.strerror or error}); choose another -o"
+        ) from None
+    if not folder:
+        for target in (path, sidecar(path)):
+            remove_stale_temp(target)
+
+
+def raise_if_disk_full(error: OSError, path: Path, kept: str) -> None:
+    """Turn ``No space left on device`` into an error that names ``path`` and what was kept."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise OutputNotWritableError(
+            f"no space left on the device while writing {str(path)!r} ({error.strerror}); {kept}"
+        ) from error
 
 
 def write_embeddings(path: Path, embeddings: Embeddings) -> None:

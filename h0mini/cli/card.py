@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..card import render_model_card
 from ..model import load_model
+from ..writers import atomic_path, check_writable
 from . import add_weights_arguments
 
 
@@ -41,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     if output is not None and output.exists() and not args.force:
         args.parser.error(f"{output} exists; pass --force to overwrite it")
     training = _read_training(args.training, args.parser)
+    if output is not None:
+        check_writable(output)
     model = load_model(
         args.weights,
         revision=args.revision,
@@ -61,15 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if output is None:
         sys.stdout.write(text)
         return 0
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(output) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     print(f"{output}: model card for {model.h0mini_weights.source}")
     return 0
 

@@ -11,7 +11,7 @@ from ..jpeg import JPEG_DECODERS
 from ..runtime import resolve_device
 from ..job import embed_to_file, gather_tiles
 from ..model import load_model
-from ..writers import FORMATS, check_format
+from ..writers import FORMATS, check_format, check_writable
 from . import add_weights_arguments
 
 
@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as error:
         args.parser.error(str(error).splitlines()[0])
     tiles = gather_tiles(args.inputs)  # bad paths fail before the model loads
+    check_writable(output)  # and an output that cannot be written
     model = load_model(
         args.weights,
         revision=args.revision,

@@ -8,7 +8,8 @@ import sys
 from ..embed import OUTPUTS
 from ..model import load_model
 from ..runtime import resolve_device
-from ..wsi.embed import check_writable, embed_slides, find_slides
+from ..writers import check_writable
+from ..wsi.embed import embed_slides, find_slides
 from ..wsi.grid import MIN_TISSUE, TARGET_MPP
 from ..wsi.reader import READERS
 from ..wsi.shard import resolve_shard
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     slides = find_slides(args.slides)  # no slides, bad paths: before the model loads
     from pathlib import Path
 
-    check_writable(Path(args.output_dir))
+    check_writable(Path(args.output_dir), folder=True)
     model = load_model(
         args.weights, revision=args.revision, token=args.token, cache_dir=args.cache_dir,
         local_files_only=True if args.offline else None,

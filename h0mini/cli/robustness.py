@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import EvaluationInputError
+from ..writers import check_writable
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Bad paths fail before any model loads; only the tiles kept by --max-tiles are decoded.
     images, names = load_tiles(args.tiles, max_tiles=args.max_tiles)
+    check_writable(Path(args.output), folder=True)
     weights: List[Optional[str]] = list(args.weights) if args.weights else [None]
     labels = model_labels(weights, args.label)
     models: Dict[str, Callable] = {}

@@ -25,7 +25,7 @@ from ..embed import ModelLike, SkippedTilesWarning, TileEmbedder, collect, make_
 from ..errors import H0miniError, OutputNotWritableError, SlideError
 from ..job import embed_to_file, job_settings, _same_numbers
 from ..tiles import GLOB_CHARS, TileInput
-from ..writers import atomic_path, read_embeddings
+from ..writers import atomic_path, check_writable, read_embeddings
 from .grid import MIN_TISSUE, TARGET_MPP, SlideTiles, slide_stem, tile_slide
 from .qc import save_qc_image
 from .reader import SLIDE_SUFFIXES, describe_slide
@@ -244,7 +244,7 @@ def embed_slides(
     mine = chosen.select(paths)
     _check_unique_names(paths)
     out = Path(output_dir)
-    check_writable(out)
+    check_writable(out, folder=True)
     if device == "auto" and chosen.local_rank is not None and torch.cuda.is_available():
         device = f"cuda:{chosen.local_rank}"
     embedder = TileEmbedder(model, output=output, device=device, **embedder_options)
@@ -309,19 +309,6 @@ def _check_unique_names(paths: Sequence[str]) -> None:
         if stem in seen:
             raise SlideError(f"has the same name as {seen[stem]!r}: both would write {stem}.h5; rename one", slide=path)
         seen[stem] = path
-
-
-def check_writable(folder: Path) -> None:
-    """Fail before any work when ``folder`` cannot hold the outputs."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / ".h0mini-write-check") as probe:
-            probe.write_bytes(b"")
-        (folder / ".h0mini-write-check").unlink()
-    except OSError as error:
-        raise OutputNotWritableError(
-            f"cannot write to the output folder {str(folder)!r} ({error.strerror or error}); choose another -o"
-        ) from None
 
 
 def _write_summary(path: Path, statuses: List[SlideStatus]) -> None:

@@ -1,0 +1,135 @@
+"""What a hostile user found in a fault-injection run (issue 13), each pinned by a test."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+
+import numpy as np
+import pytest
+
+import h0mini
+import h0mini.cli.embed
+from h0mini.cli import main
+from h0mini.errors import OutputNotWritableError
+from h0mini.writers import read_embeddings
+from helpers import EXAMPLE_TILES, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    write_checkpoint(folder)
+    return folder
+
+
+@pytest.fixture
+def tiles(tmp_path):
+    folder = tmp_path / "tiles"
+    shutil.copytree(EXAMPLE_TILES[0].parent, folder)
+    return folder
+
+
+def embed(*args):
+    return main(["embed", *map(str, args)])
+
+
+# -- outputs: fail fast, name the path, leave nothing behind ------------------------------------------
+
+
+def _no_model(*args, **kwargs):
+    pytest.fail("the model was loaded before the output was checked")
+
+
+@pytest.mark.parametrize("case", ["existing folder", "parent is a file", "read-only folder"])
+def test_an_unwritable_output_fails_before_the_model_loads(case, tiles, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(h0mini.cli.embed, "load_model", _no_model)
+    if case == "existing folder":
+        out = tmp_path / "features.h5"
+        out.mkdir()
+    elif case == "parent is a file":
+        (tmp_path / "blocker").write_text("")
+        out = tmp_path / "blocker" / "sub" / "f.h5"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+        out = folder / "f.h5"
+    assert embed(tiles, "-o", out) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and repr(str(out)) in err
+
+
+def test_a_missing_parent_folder_is_created(checkpoint, tiles, tmp_path):
+    out = tmp_path / "new" / "deeper" / "f.h5"
+    assert embed(tiles, "-o", out, "--weights", checkpoint) == 0
+    assert len(read_embeddings(out)) == 7
+
+
+def test_stale_temp_files_of_killed_runs_are_removed_and_live_ones_kept(checkpoint, tiles, tmp_path):
+    out = tmp_path / "f.h5"
+    old_style = tmp_path / ".f.h5.k2j4_x9a.tmp"  # mkstemp's name, before the writer's pid was in it
+    dead = tmp_path / f".f.h5.{_dead_pid()}-0a1b2c3d.tmp"
+    live = tmp_path / f".f.h5.{os.getppid()}-0a1b2c3d.tmp"  # a concurrent writer: not ours to delete
+    other = tmp_path / ".g.h5.k2j4_x9a.tmp"  # another output's
+    for path in (old_style, dead, live, other):
+        path.write_bytes(b"")
+    assert embed(tiles, "-o", out, "--weights", checkpoint) == 0
+    assert not old_style.exists() and not dead.exists()
+    assert live.exists() and other.exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".npy", ".pt"])
+def test_outputs_respect_the_umask(checkpoint, tiles, tmp_path, suffix):
+    previous = os.umask(0o022)
+    try:
+        out = tmp_path / f"f{suffix}"
+        assert embed(tiles, "-o", out, "--weights", checkpoint, "--output-mode", "cls") == 0
+    finally:
+        os.umask(previous)
+    written = [out] + ([out.with_name(out.name + ".json")] if suffix == ".npy" else [])
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_a_full_disk_names_the_path_and_keeps_finished_batches(checkpoint, tiles, tmp_path, capsys, monkeypatch):
+    from h0mini import writers
+
+    out = tmp_path / "f.h5"
+
+    def full(tmp, embeddings):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writers, "_write_h5", full)
+    assert embed(tiles, "-o", out, "--weights", checkpoint, "--save-every", "2") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and repr(str(out)) in err and "finished batches were kept" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    assert embed(tiles, "-o", out, "--weights", checkpoint) == 0
+    assert "7 reused" in capsys.readouterr().out
+
+
+def test_python_api_checks_an_output_folder_before_loading(tmp_path):
+    from h0mini.writers import check_writable
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputNotWritableError, match="is a file"):
+        check_writable(tmp_path / "file", folder=True)
+    with pytest.raises(OutputNotWritableError, match="is a folder"):
+        check_writable(tmp_path)
+    check_writable(tmp_path / "a" / "b", folder=True)
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
