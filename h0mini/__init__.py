@@ -12,6 +12,7 @@ import logging
 from . import registry as _registry  # noqa: F401  (registers the timm entrypoints)
 from .errors import (
     EvaluationInputError,
+    ExportValidationError,
     GatedModelError,
     H0miniError,
     HubConnectionError,
@@ -56,4 +57,5 @@ __all__ = [
     "EvaluationInputError",
     "SlideError",
     "OutputNotWritableError",
+    "ExportValidationError",
 ]

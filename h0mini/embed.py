@@ -30,6 +30,7 @@ import torch
 from .errors import InvalidTileError
 from .jpeg import JPEG_DECODERS, EncodedJpeg, decode_on_device, read_encoded
 from .model import load_model
+from .onnx_model import OnnxModel
 from .preprocess import Preprocessing
 from .runtime import ModelForward, resolve_device, resolve_precision
 from .tiles import TileRef, DatasetItems, describe, read_input
@@ -208,8 +209,11 @@ class TileEmbedder:
         if jpeg_decode not in JPEG_DECODERS:
             raise ValueError(f"jpeg_decode must be one of {JPEG_DECODERS}, got {jpeg_decode!r}")
         self.jpeg_decode = jpeg_decode
+        model = resolve_model(model)
+        if isinstance(model, OnnxModel):
+            device, precision = _onnx_settings(model, device, precision, compile)
         self.device = resolve_device(device)
-        self.model = resolve_model(model).to(self.device).eval()
+        self.model = model.to(self.device).eval()
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 1))
         self.output = output
         self.autocast_dtype = resolve_precision(precision, self.device)
@@ -224,6 +228,8 @@ class TileEmbedder:
 
     @property
     def precision(self) -> str:
+        if isinstance(self.model, OnnxModel):
+            return f"onnxruntime-{self.model.precision}"
         return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.autocast_dtype]
 
     def output_shape(self) -> Dict[str, Tuple[int, ...]]:
@@ -414,6 +420,19 @@ def resolve_model(model: ModelLike) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be an nn.Module, a repo id or a path, got {type(model).__name__}")
     return model
+
+
+def _onnx_settings(model: OnnxModel, device: Union[str, torch.device], precision: str, compile: bool) -> Tuple[str, str]:
+    """An ONNX export runs on the CPU in the precision it was exported with: other requests are errors."""
+    if str(device) not in ("auto", "cpu"):
+        raise ValueError(f"{model.model_path} is an ONNX export and runs on the CPU (ONNX Runtime); use device='cpu'")
+    if str(precision).lower() not in ("auto", "fp32", "float32"):
+        raise ValueError(
+            f"{model.model_path} is an ONNX export ({model.precision}): its precision is fixed; use precision='auto'"
+        )
+    if compile:
+        raise ValueError(f"compile=True applies to torch models; {model.model_path} is an ONNX export")
+    return "cpu", "fp32"
 
 
 def _positive(value: Optional[int], name: str) -> Optional[int]:

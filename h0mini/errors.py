@@ -124,3 +124,18 @@ class SlideError(H0miniError, ValueError):
 
 def _rebuild_slide_error(reason: str, slide: Optional[str]) -> SlideError:
     return SlideError(reason, slide=slide)
+
+
+class ExportValidationError(H0miniError, ValueError):
+    """An ONNX export failed a bar (fp32 parity, or the int8 gate); nothing was written.
+
+    ``failed`` lists the bars that failed, e.g. ``int8 min CLS cosine 0.98123 < 0.995``.
+    """
+
+    def __init__(self, failed, figures: str):
+        self.failed = list(failed)
+        self.figures = figures
+        super().__init__(f"export refused, nothing written: {'; '.join(self.failed)}. Figures: {figures}")
+
+    def __reduce__(self):
+        return (type(self), (self.failed, self.figures))

@@ -17,6 +17,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from .constants import ENV_WEIGHTS, H0_MINI_ARCH, H0_MINI_REPO_ID, REPO_ARCHS, SWIGLU_MLP_RATIO
 from .errors import IncompatibleCheckpointError, ModelNotFoundError
 from .hub import Checkpoint, PathLike, resolve_checkpoint
+from .onnx_model import is_onnx_source, load_onnx_model
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ def load_model(
         torch.Size([1, 261, 768])
     """
     source = str(weights) if weights is not None else default_weights()
+    if is_onnx_source(source):
+        return _load_export(source, arch=arch, device=device, dtype=dtype)
     checkpoint = resolve_checkpoint(
         source, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
     )
@@ -147,6 +150,25 @@ def load_model(
         revision=checkpoint.revision,
     )
     logger.info("Loaded %s from %s (revision %s)", arch_name, source, checkpoint.revision or "local")
+    return model
+
+
+def _load_export(source: str, *, arch: Optional[str], device: DeviceLike, dtype: DTypeLike) -> torch.nn.Module:
+    """An ``h0mini export`` folder: fixed architecture and precision, CPU only (ONNX Runtime's CPU provider)."""
+    if arch is not None or resolve_dtype(dtype) not in (None, torch.float32):
+        raise ValueError(f"{source!r} is an ONNX export: its architecture and precision are fixed; drop arch= and dtype=")
+    if device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"{source!r} is an ONNX export and runs on the CPU (ONNX Runtime); use device='cpu'")
+    model = load_onnx_model(source)
+    origin = model.config.get("source", {})
+    model.h0mini_weights = WeightsInfo(  # type: ignore[attr-defined]
+        source=source,
+        arch=f"{model.config['architecture']['arch']}-onnx-{model.precision}",
+        weights_path=model.model_path,
+        repo_id=origin.get("repo_id"),
+        revision=origin.get("revision"),
+    )
+    logger.info("Loaded the ONNX export %s (%s, ONNX Runtime)", source, model.precision)
     return model
 
 

@@ -45,7 +45,7 @@ def test_importing_h0mini_pulls_in_no_optional_dependency():
         spec = importlib.util.spec_from_file_location("demo_app", {str(ROOT / "examples" / "app.py")!r})
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
         optional = ("matplotlib", "gradio", "gradio_client", "torchcodec", "sklearn", "pandas", "pyarrow",
-                    "openslide", "tiffslide", "scipy", "tifffile")
+                    "openslide", "tiffslide", "scipy", "tifffile", "onnx", "onnxruntime", "onnxscript")
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in optional)
         sys.exit(f"imported: {{loaded}}" if loaded else 0)
         """

@@ -18,7 +18,7 @@ from ..errors import H0miniError
 from ..version import __version__
 
 # Subcommand modules, each with add_parser(subparsers) and run(args) -> int.
-COMMANDS = ("card", "download", "embed", "embed_slides", "robustness")
+COMMANDS = ("card", "download", "embed", "embed_slides", "export", "robustness")
 
 
 def main_parser() -> argparse.ArgumentParser:
