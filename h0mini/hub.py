@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import socket
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Union
@@ -135,10 +139,12 @@ def _hub_checkpoint(
     cache_dir: Optional[PathLike],
     local_files_only: bool,
 ) -> Checkpoint:
+    unresolved = None if local_files_only or hf_constants.HF_HUB_OFFLINE else _unresolvable_hub_host()
     kwargs: Dict[str, Any] = dict(
-        repo_id=repo_id, token=token, cache_dir=cache_dir, local_files_only=local_files_only, **_library()
+        repo_id=repo_id, token=token, cache_dir=cache_dir, local_files_only=local_files_only or bool(unresolved),
+        **_library(),
     )
-    with _hub_errors(repo_id, revision, token=token, local_files_only=local_files_only):
+    with _hub_errors(repo_id, revision, token=token, local_files_only=local_files_only, unresolved=unresolved):
         config_path = _optional_download(filename=CONFIG_NAME, revision=revision, **kwargs)
         # Pin the weights to the commit the config came from.
         commit = _commit_from_cache_path(config_path) if config_path else None
@@ -220,7 +226,43 @@ def _read_config(path: PathLike) -> Dict[str, Any]:
     return config
 
 
-def _offline_reason(local_files_only: bool) -> str:
+def _unresolvable_hub_host() -> Optional[str]:
+    """The Hub's host name when it does not resolve (no network or no DNS), else None.
+
+    huggingface_hub retries a failed connection five times over ~25 s, which helps with a
+    dropped packet but never with a name that does not resolve; then only the cache can help,
+    so the caller goes straight to it. Behind a proxy the proxy resolves names: no check.
+    """
+    url = urllib.parse.urlsplit(hf_constants.ENDPOINT)
+    if not url.hostname or urllib.request.getproxies().get(url.scheme):
+        return None
+    try:
+        socket.getaddrinfo(url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    except socket.gaierror:
+        return url.hostname
+    except (OSError, UnicodeError):
+        return None
+    return None
+
+
+def _token_source(token: Union[str, bool, None]) -> Optional[str]:
+    """Where the token huggingface_hub sends comes from (never the token itself); None when none is sent."""
+    if isinstance(token, str):
+        return "the token passed as token= (--token on the command line)"
+    if token is False:
+        return None
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(variable, "").strip():
+            return f"the token in the {variable} environment variable"
+    stored = Path(hf_constants.HF_TOKEN_PATH)
+    if stored.is_file() and stored.read_text(errors="replace").strip():
+        return f"the token stored by `hf auth login` (huggingface-cli login) in {str(stored)!r}"
+    return None
+
+
+def _offline_reason(local_files_only: bool, unresolved: Optional[str] = None) -> str:
+    if unresolved:
+        return f"the Hub's host name {unresolved!r} does not resolve (no network or no DNS)"
     if local_files_only:
         return "local_files_only=True was passed"
     if hf_constants.HF_HUB_OFFLINE:
@@ -235,15 +277,18 @@ def _hub_errors(
     *,
     token: Union[str, bool, None],
     local_files_only: bool = False,
+    unresolved: Optional[str] = None,
 ) -> Iterator[None]:
     """Turn huggingface_hub's exceptions into h0mini's, each saying what to do next."""
     page = f"{HUB_URL}/{repo_id}"
     try:
         yield
     except hf_errors.GatedRepoError as error:
+        source = _token_source(token)
         told = (
-            "The token that was sent was refused or its account has not been granted access yet"
-            if token
+            f"It refused {source}: check that this token is current (not revoked), that its account has been "
+            "granted access, and for a fine-grained token that it may read gated repos"
+            if source
             else "No token was sent"
         )
         raise GatedModelError(
@@ -269,7 +314,7 @@ def _hub_errors(
         raise WeightsNotCachedError(
             f"The weights of {repo_id!r}"
             + (f" at revision {revision!r}" if revision else "")
-            + f" are not in the local cache ({hf_constants.HF_HUB_CACHE}) and {_offline_reason(local_files_only)}. "
+            + f" are not in the local cache ({hf_constants.HF_HUB_CACHE}) and {_offline_reason(local_files_only, unresolved)}. "
             "On a machine with internet access run `h0mini download` and copy the cache (or its --local-dir folder) "
             "here, or pass a local folder: load_model('/path/to/H0-mini').",
             repo_id=repo_id,

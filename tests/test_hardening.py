@@ -5,7 +5,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +17,10 @@ import pytest
 import h0mini
 import h0mini.cli.embed
 from h0mini.cli import main
-from h0mini.errors import OutputNotWritableError
+from h0mini.errors import GatedModelError, OutputNotWritableError
 from h0mini.writers import read_embeddings
-from helpers import EXAMPLE_TILES, write_checkpoint
+from fake_hub import FakeHub, FakeRepo
+from helpers import EXAMPLE_TILES, ROOT, checkpoint_files, write_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +35,18 @@ def tiles(tmp_path):
     folder = tmp_path / "tiles"
     shutil.copytree(EXAMPLE_TILES[0].parent, folder)
     return folder
+
+
+@pytest.fixture
+def hub(checkpoint, point_hub_at):
+    with FakeHub() as server:
+        server.repos[REPO] = FakeRepo(files=checkpoint_files(checkpoint))
+        server.repos["test-org/gated-tiny"] = FakeRepo(files=checkpoint_files(checkpoint), gated=True, token="hf_granted")
+        point_hub_at(server.url)
+        yield server
+
+
+REPO = "test-org/h0mini-tiny"
 
 
 def embed(*args):
@@ -84,9 +101,6 @@ def test_stale_temp_files_of_killed_runs_are_removed_and_live_ones_kept(checkpoi
 
 
 def _dead_pid() -> int:
-    import subprocess
-    import sys
-
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
@@ -133,3 +147,53 @@ def test_python_api_checks_an_output_folder_before_loading(tmp_path):
         check_writable(tmp_path)
     check_writable(tmp_path / "a" / "b", folder=True)
     assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
+
+
+# -- the Hub: first contact without weights, refused tokens ------------------------------------------
+
+UNRESOLVABLE = "http://nonexistent.invalid"  # .invalid never resolves (RFC 6761): no real host is asked
+
+
+def test_an_unresolvable_hub_gives_one_line_without_retries(tiles, tmp_path):
+    env = dict(os.environ, HF_ENDPOINT=UNRESOLVABLE, HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(ROOT))
+    for variable in ("HF_TOKEN", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        env.pop(variable, None)
+    result = subprocess.run([sys.executable, "-m", "h0mini", "embed", str(tiles), "-o", str(tmp_path / "f.h5")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Retrying" not in result.stderr, result.stderr
+    assert "'nonexistent.invalid' does not resolve" in result.stderr and "h0mini download" in result.stderr
+
+
+def test_an_unresolvable_hub_still_loads_cached_weights(hub, point_hub_at, monkeypatch):
+    reference = h0mini.load_model(REPO)  # now in the cache
+    point_hub_at(UNRESOLVABLE)
+    monkeypatch.setattr(socket, "getaddrinfo", _no_dns)
+    model = h0mini.load_model(REPO)
+    assert model.h0mini_weights.sha256 == reference.h0mini_weights.sha256
+
+
+def _no_dns(*args, **kwargs):
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+@pytest.mark.parametrize("source", ["argument", "HF_TOKEN", "login file"])
+def test_a_refused_token_names_its_source_never_the_token(source, hub, isolated_hub, monkeypatch):
+    secret = "hf_secret_not_granted"
+    kwargs = {}
+    if source == "argument":
+        kwargs["token"] = secret
+        expected = "token passed as token="
+    elif source == "HF_TOKEN":
+        monkeypatch.setenv("HF_TOKEN", secret)
+        expected = "HF_TOKEN environment variable"
+    else:
+        from huggingface_hub import constants as hf_constants
+
+        Path(hf_constants.HF_TOKEN_PATH).write_text(secret)
+        expected = "hf auth login"
+    with pytest.raises(GatedModelError) as info:
+        h0mini.load_model("test-org/gated-tiny", **kwargs)
+    message = str(info.value)
+    assert expected in message and secret not in message and "No token was sent" not in message
+    assert any(auth == f"Bearer {secret}" for _, _, auth in hub.requests)  # it was sent, and refused
