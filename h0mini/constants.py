@@ -54,3 +54,8 @@ SWIGLU_MLP_RATIO = 5.33334
 
 # Environment variables h0mini reads itself (the Hub ones belong to huggingface_hub).
 ENV_WEIGHTS = "H0MINI_WEIGHTS"
+
+# Written into config.json (key CONFIG_WARNING_KEY) of demo weights, and from there into
+# every output's provenance; load_model warns with it.
+DEMO_WEIGHTS_LABEL = "random weights: for trying the pipeline, not for science"
+CONFIG_WARNING_KEY = "h0mini_warning"

@@ -30,6 +30,7 @@ from .errors import (
     WeightsNotCachedError,
 )
 from .version import __version__
+from .wording import say
 
 PathLike = Union[str, Path]
 
@@ -209,8 +210,10 @@ def _local_checkpoint(path: Path) -> Checkpoint:
         config = _read_config(sibling) if path.name in WEIGHT_FILES and sibling.is_file() else None
         return Checkpoint(weights_path=path, config=config, source="file")
     raise ModelNotFoundError(
-        f"No such file or folder: {str(path)!r}. weights= takes a Hub repo id (e.g. 'bioptimus/H0-mini'), "
-        "a folder in the Hub layout (config.json + model.safetensors), or a .safetensors/.bin/.pth file.",
+        f"No such file or folder: {str(path)!r}. "
+        + say("load_model(weights=...)", "--weights (or H0MINI_WEIGHTS)")
+        + " takes a Hub repo id (e.g. 'bioptimus/H0-mini'), a folder in the Hub layout "
+        "(config.json + model.safetensors), or a .safetensors/.bin/.pth file.",
         name=str(path),
     )
 
@@ -264,7 +267,7 @@ def _offline_reason(local_files_only: bool, unresolved: Optional[str] = None) ->
     if unresolved:
         return f"the Hub's host name {unresolved!r} does not resolve (no network or no DNS)"
     if local_files_only:
-        return "local_files_only=True was passed"
+        return say("local_files_only=True was passed", "--offline was passed")
     if hf_constants.HF_HUB_OFFLINE:
         return "offline mode is on (HF_HUB_OFFLINE=1)"
     return "the Hub could not be reached (no network, a proxy or a firewall)"
@@ -294,13 +297,17 @@ def _hub_errors(
         raise GatedModelError(
             f"Access to {repo_id!r} is gated and the Hub refused it. {told}. Request access at {page} "
             "(approval can take a while), then pass the token of the approved account as "
-            "load_model(..., token='hf_...') or in the HF_TOKEN environment variable.",
+            + say("load_model(..., token='hf_...')", "--token hf_...")
+            + " or in the HF_TOKEN environment variable.",
             repo_id=repo_id,
         ) from error
     except hf_errors.RepositoryNotFoundError as error:
         raise ModelNotFoundError(
             f"Repository {repo_id!r} was not found on the Hub ({hf_constants.ENDPOINT}). Check the name; if it is "
-            "private or gated, pass token='hf_...' or set HF_TOKEN. For a local model, pass its folder or file path.",
+            "private or gated, "
+            + say("pass token='hf_...'", "pass --token hf_...")
+            + " or set HF_TOKEN. For a local model, "
+            + say("pass its folder or file path as weights=.", "pass --weights DIR (or set H0MINI_WEIGHTS)."),
             name=repo_id,
         ) from error
     except hf_errors.RevisionNotFoundError as error:
@@ -316,7 +323,13 @@ def _hub_errors(
             + (f" at revision {revision!r}" if revision else "")
             + f" are not in the local cache ({hf_constants.HF_HUB_CACHE}) and {_offline_reason(local_files_only, unresolved)}. "
             "On a machine with internet access run `h0mini download` and copy the cache (or its --local-dir folder) "
-            "here, or pass a local folder: load_model('/path/to/H0-mini').",
+            "here, or "
+            + say(
+                "pass a local folder: load_model('/path/to/H0-mini').",
+                "pass a local folder: --weights /path/to/H0-mini (or set H0MINI_WEIGHTS=/path/to/H0-mini).",
+            )
+            + " To try the pipeline without access: "
+            + say("h0mini.demo_weights('DIR').", "h0mini demo-weights DIR."),
             repo_id=repo_id,
         ) from error
     except hf_errors.EntryNotFoundError as error:
@@ -330,12 +343,14 @@ def _hub_errors(
         status = getattr(getattr(error, "response", None), "status_code", "?")
         raise HubConnectionError(
             f"The Hub answered HTTP {status} for {repo_id!r}. Try again later; if it persists, download the "
-            "weights elsewhere with `h0mini download` and pass the local folder."
+            "weights elsewhere with `h0mini download` and pass the local folder"
+            + say(" as weights=.", " with --weights DIR.")
         ) from error
     except hf_errors.OfflineModeIsEnabled as error:
         raise WeightsNotCachedError(
             f"Cannot reach the Hub for {repo_id!r}: {_offline_reason(local_files_only)}. Unset HF_HUB_OFFLINE "
-            "to download, or pass a local folder.",
+            "to download, or pass a local folder"
+            + say(" as weights=.", ": --weights DIR (or set H0MINI_WEIGHTS)."),
             repo_id=repo_id,
         ) from error
     except Exception as error:
@@ -343,7 +358,8 @@ def _hub_errors(
         if _is_connection_error(error):
             raise WeightsNotCachedError(
                 f"Cannot reach the Hub ({hf_constants.ENDPOINT}) for {repo_id!r}: {type(error).__name__}. "
-                "Check the network, or pass a local folder.",
+                "Check the network, or pass a local folder"
+                + say(" as weights=.", " with --weights DIR."),
                 repo_id=repo_id,
             ) from error
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -14,7 +15,7 @@ import torch
 from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from .constants import ENV_WEIGHTS, H0_MINI_ARCH, H0_MINI_REPO_ID, REPO_ARCHS, SWIGLU_MLP_RATIO
+from .constants import CONFIG_WARNING_KEY, ENV_WEIGHTS, H0_MINI_ARCH, H0_MINI_REPO_ID, REPO_ARCHS, SWIGLU_MLP_RATIO
 from .errors import IncompatibleCheckpointError, ModelNotFoundError
 from .hub import Checkpoint, PathLike, resolve_checkpoint
 from .onnx_model import is_onnx_source, load_onnx_model
@@ -44,6 +45,7 @@ class WeightsInfo:
     weights_path: Path
     repo_id: Optional[str] = None
     revision: Optional[str] = None  # commit hash for Hub weights
+    warning: Optional[str] = None  # what the checkpoint says of itself (demo weights: random)
     _sha256: Dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -54,7 +56,7 @@ class WeightsInfo:
         return self._sha256["value"]
 
     def as_dict(self) -> Dict[str, Optional[str]]:
-        return {
+        info = {
             "weights": self.source,
             "arch": self.arch,
             "repo_id": self.repo_id,
@@ -62,6 +64,9 @@ class WeightsInfo:
             "weights_file": self.weights_path.name,
             "weights_sha256": self.sha256,
         }
+        if self.warning:
+            info["warning"] = self.warning
+        return info
 
 
 def file_sha256(path: PathLike, chunk_size: int = 1 << 22) -> str:
@@ -148,7 +153,10 @@ def load_model(
         weights_path=checkpoint.weights_path,
         repo_id=checkpoint.repo_id,
         revision=checkpoint.revision,
+        warning=_checkpoint_warning(checkpoint),
     )
+    if model.h0mini_weights.warning:  # type: ignore[attr-defined]
+        warnings.warn(f"{source}: {model.h0mini_weights.warning}", UserWarning, stacklevel=2)  # type: ignore[attr-defined]
     logger.info("Loaded %s from %s (revision %s)", arch_name, source, checkpoint.revision or "local")
     return model
 
@@ -170,6 +178,11 @@ def _load_export(source: str, *, arch: Optional[str], device: DeviceLike, dtype:
     )
     logger.info("Loaded the ONNX export %s (%s, ONNX Runtime)", source, model.precision)
     return model
+
+
+def _checkpoint_warning(checkpoint: Checkpoint) -> Optional[str]:
+    text = (checkpoint.config or {}).get(CONFIG_WARNING_KEY)
+    return str(text) if text else None
 
 
 def resolve_dtype(dtype: DTypeLike) -> Optional[torch.dtype]:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 import h0mini  # noqa: F401  (registers the architectures)
+from h0mini.checkpoint_io import write_hub_checkpoint
 from h0mini.testing import random_model, trained_like  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,26 +22,10 @@ def make_model(arch: str = "h0mini_test", seed: int = 0) -> torch.nn.Module:
     return random_model(arch, seed)
 
 
-def hub_config(arch: str, model: torch.nn.Module) -> Dict:
-    """config.json as timm writes it for the Hub (architecture, model_args, pretrained_cfg)."""
-    cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ("hf_hub_id", "architecture", "tag", "source")}
-    return {
-        "architecture": arch,
-        "num_classes": 0,
-        "num_features": model.num_features,
-        "global_pool": "",
-        "model_args": {},
-        "pretrained_cfg": cfg,
-    }
-
-
 def write_checkpoint(folder: Path, arch: str = "h0mini_test", seed: int = 0, dtype=None) -> torch.nn.Module:
     """Write config.json + model.safetensors (the Hub layout) and return the model they hold."""
-    folder.mkdir(parents=True, exist_ok=True)
     model = make_model(arch, seed)
-    state = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(hub_config(arch, model)))
+    write_hub_checkpoint(folder, model, arch, dtype=dtype)
     return model
 
 

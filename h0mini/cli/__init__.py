@@ -16,9 +16,10 @@ from typing import List, Optional, Sequence
 
 from ..errors import H0miniError
 from ..version import __version__
+from ..wording import command_line_words
 
 # Subcommand modules, each with add_parser(subparsers) and run(args) -> int.
-COMMANDS = ("card", "download", "embed", "embed_slides", "export", "robustness")
+COMMANDS = ("card", "demo_weights", "download", "embed", "embed_slides", "export", "robustness")
 
 
 def main_parser() -> argparse.ArgumentParser:
@@ -27,13 +28,22 @@ def main_parser() -> argparse.ArgumentParser:
         description="H0-mini pathology foundation model: download weights, embed tiles, check robustness, write model cards.",
     )
     parser.add_argument("--version", action="version", version=f"h0mini {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks (also HF_DEBUG=1)")
+    _add_output_options(parser, default=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"{__name__}.{name}").add_parser(subparsers)
+    for command in subparsers.choices.values():  # -v, -q, --debug also after the command
+        _add_output_options(command, default=False)
     return parser
+
+
+def _add_output_options(parser: argparse.ArgumentParser, *, default: bool) -> None:
+    """The main parser sets the defaults; a command's copy only sets what was typed after it."""
+    kwargs = {} if default else {"default": argparse.SUPPRESS}
+    group = parser.add_argument_group("output")
+    group.add_argument("-v", "--verbose", action="count", help="more log output (-vv for debug)", **({"default": 0} if default else kwargs))
+    group.add_argument("-q", "--quiet", action="store_true", help="only errors", **kwargs)
+    group.add_argument("--debug", action="store_true", help="show tracebacks (also HF_DEBUG=1)", **kwargs)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -42,7 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _configure_logging(args.verbose, args.quiet)
     debug = args.debug or os.environ.get("HF_DEBUG", "").lower() in ("1", "true", "yes")
     try:
-        return int(args.run(args) or 0)
+        with command_line_words():
+            return int(args.run(args) or 0)
     except H0miniError as error:
         if debug:
             raise

@@ -16,7 +16,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Download config.json and the weights of a Hub repo, pinned to one commit. Prints the "
             "resolved revision and the sha256 of the weights file. Then, offline: "
-            "HF_HUB_OFFLINE=1 (same cache) or load_model('<local-dir>')."
+            "HF_HUB_OFFLINE=1 (same cache) or --weights <local-dir> (or H0MINI_WEIGHTS=<local-dir>)."
         ),
         epilog="example: h0mini download --local-dir ./H0-mini",
     )
