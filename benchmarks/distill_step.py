@@ -26,7 +26,8 @@ import h0mini  # noqa: E402,F401  (registers the architectures)
 from h0mini.distill.augment import MultiCrop  # noqa: E402
 from h0mini.distill.config import DistillConfig, from_dict  # noqa: E402
 from h0mini.distill.data import TileStream, Sources  # noqa: E402
-from h0mini.distill.meta_arch import Distiller, STUDENT_FIXED_ARGS, build_student, tokens  # noqa: E402
+from h0mini.distill.meta_arch import Distiller, STUDENT_FIXED_ARGS, build_student  # noqa: E402
+from h0mini.distill.teachers import tokens  # noqa: E402
 from h0mini.distill.train import EMA, build_optimizer, param_groups  # noqa: E402
 
 

@@ -283,7 +283,8 @@ def test_sigterm_checkpoints_after_the_step_and_stops(assets):
     config = load_config(None, [a for a in _args(assets, out, "train.iterations=6", "train.batch_size=4",
                                                  "train.checkpoint_every=100") if a != "-q"])
     before = signal.getsignal(signal.SIGTERM)
-    result = train(config, teacher=_SignallingTeacher(h0mini.load_model(assets["teacher"]), at_call=2))
+    # call 1 is the probe of the token contract, call 2 the first step
+    result = train(config, teacher=_SignallingTeacher(h0mini.load_model(assets["teacher"]), at_call=3))
     assert result.interrupted and not result.finished and result.step == 2
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002.pt"]
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back

@@ -42,8 +42,9 @@ class TeacherConfig:
     """The frozen teacher. Public pathology teachers ship a backbone only (no DINO heads)."""
 
     model: str = H_OPTIMUS_0_REPO_ID  # Hub id, local folder (config.json + weights) or timm model name
-    model_args: Dict[str, Any] = field(default_factory=dict)  # timm kwargs, for a timm model name only
-    pretrained: bool = True  # timm name: load timm's pretrained weights
+    model_args: Dict[str, Any] = field(default_factory=dict)  # timm kwargs (null: timm's default), e.g. for a CNN
+    pretrained: bool = True  # timm name: load timm's pretrained weights (from the Hub) unless `weights` is set
+    weights: Optional[str] = None  # timm name: a local weights file (.safetensors, or .pth/.bin read weights-only)
     revision: Optional[str] = None  # Hub revision
     heads: Optional[str] = None  # file with the teacher's dino_head/ibot_head weights, if you have them
     missing_heads: str = "random_frozen"  # what "dinov2" does without heads: random_frozen | error
@@ -379,10 +380,12 @@ def validate(config: DistillConfig) -> None:
     for section, args in (("student", c.student.model_args), ("teacher", c.teacher.model_args)):
         for key, value in args.items():
             # `{embed_dim:24}` (no space) is YAML for the key "embed_dim:24" with no value: timm would
-            # silently drop it and train the default model.
-            _check(isinstance(key, str) and key.isidentifier() and value is not None, f"{section}.model_args",
-                   f"{key!r}: {value!r} is not a keyword argument with a value (YAML needs a space after the colon: "
-                   "{embed_dim: 384})")
+            # silently drop it and train the default model. A teacher's `{dynamic_img_size: null}` is
+            # a real key asking for timm's default; the student's are written to config.json, so need values.
+            _check(isinstance(key, str) and key.isidentifier(), f"{section}.model_args",
+                   f"{key!r} is not a keyword argument (YAML needs a space after the colon: {{embed_dim: 384}})")
+            _check(value is not None or section == "teacher", f"{section}.model_args",
+                   f"{key!r} has no value: give one (YAML needs a space after the colon: {{embed_dim: 384}})")
     d = c.dinov2
     if c.objective.dinov2 > 0:
         _check(d.centering in ("sinkhorn_knopp", "centering"), "dinov2.centering",

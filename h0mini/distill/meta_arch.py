@@ -41,9 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IncompatibleCheckpointError
-from .config import ConfigError, DistillConfig, validate_patch_size
+from .config import ConfigError, DistillConfig
 from .heads import DINOHead, FeatureProjector, head_state_from_checkpoint
 from .losses import Centering, dino_loss, feature_loss, ibot_loss, koleo_loss, mask_weights, teacher_probs
+from .teachers import patch_size_attr, prefix_tokens_of, tokens
 
 logger = logging.getLogger(__name__)
 
@@ -51,25 +52,11 @@ logger = logging.getLogger(__name__)
 STUDENT_FIXED_ARGS = {"num_classes": 0, "global_pool": "", "dynamic_img_size": True}
 
 
-def tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """All output tokens (B, N, D) of a timm ViT (``forward_features``) or of a module returning them."""
-    out = model.forward_features(images) if hasattr(model, "forward_features") else model(images)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
-
-
-def patch_size_of(model: nn.Module) -> int:
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+def patch_size_of(student: nn.Module) -> int:
+    patch = patch_size_attr(student)
     if patch is None:
-        patch = getattr(model, "patch_size", None)
-    if patch is None:
-        raise ConfigError("teacher.model", f"{type(model).__name__} exposes no patch size (patch_embed.patch_size)")
-    return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-
-
-def prefix_tokens_of(model: nn.Module) -> int:
-    return int(getattr(model, "num_prefix_tokens", 1))
+        raise ConfigError("student.arch", f"{type(student).__name__} exposes no patch size (patch_embed.patch_size)")
+    return patch
 
 
 # ---------------------------------------------------------------- building
@@ -95,28 +82,6 @@ def build_student(config: DistillConfig) -> nn.Module:
     if s.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
-
-
-def build_teacher(config: DistillConfig, module: Optional[nn.Module] = None) -> nn.Module:
-    """The frozen teacher: a given module, a local folder or Hub id (``h0mini.load_model``), or a timm name."""
-    t = config.teacher
-    if module is None:
-        from ..hub import is_local
-        from ..model import load_model
-
-        name = t.model
-        if Path(name).expanduser().exists() or (is_local(name) and not timm.is_model(name)):
-            if not Path(name).expanduser().exists():
-                raise ConfigError("teacher.model", f"{name!r} is neither a timm model, a Hub id nor an existing path")
-            module = load_model(name)
-        elif timm.is_model(name):
-            module = timm.create_model(name, pretrained=t.pretrained, **dict(STUDENT_FIXED_ARGS, **t.model_args))
-        else:
-            module = load_model(name, revision=t.revision)
-    module.eval()
-    for param in module.parameters():
-        param.requires_grad_(False)
-    return module
 
 
 def teacher_dtype(config: DistillConfig, device: torch.device) -> torch.dtype:
@@ -275,7 +240,7 @@ class Distiller(nn.Module):
         prefix = prefix_tokens_of(self.teacher)
         cls, patches = out[:, 0], out[:, prefix:]
         grid = global_crops.shape[-1] // self.student_patch
-        if patches.shape[1] != grid * grid:
+        if patches.shape[1] and patches.shape[1] != grid * grid:  # none: an embedding teacher (CLS only)
             side = int(round(patches.shape[1] ** 0.5))
             patches = patches.reshape(-1, side, side, patches.shape[-1]).permute(0, 3, 1, 2).float()
             patches = F.interpolate(patches, size=(grid, grid), mode="bilinear", align_corners=False)
@@ -356,19 +321,6 @@ class Distiller(nn.Module):
                 part = part + f.patch_weight * terms["feature_patch"]
             total = total + c.objective.feature * part
         return total, {k: float(v.detach()) for k, v in terms.items()}
-
-
-def probe_teacher_dim(teacher: nn.Module, config: DistillConfig, device: torch.device) -> Tuple[int, int]:
-    """(embed dim, patch size) of the teacher, checking crops against its patch size first."""
-    patch = patch_size_of(teacher)
-    validate_patch_size(config, patch, "teacher", local_crops=False)
-    dim = getattr(teacher, "embed_dim", None) or getattr(teacher, "num_features", None)
-    if dim is None:
-        with torch.inference_mode():
-            size = config.crops.global_size
-            dtype = next(teacher.parameters()).dtype
-            dim = tokens(teacher, torch.zeros(1, 3, size, size, device=device, dtype=dtype)).shape[-1]
-    return int(dim), patch
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -31,8 +31,8 @@ from ..errors import IncompatibleCheckpointError
 from ..version import __version__
 from .config import ConfigError, DistillConfig, save_config, validate, validate_patch_size, validate_world
 from .data import build_loader, resolve_sources
-from .meta_arch import Distiller, build_student, build_teacher, count_parameters, patch_size_of, probe_teacher_dim, \
-    teacher_dtype
+from .meta_arch import Distiller, build_student, count_parameters, patch_size_of, teacher_dtype
+from .teachers import as_token_teacher, build_teacher
 from .schedules import Schedules
 
 logger = logging.getLogger("h0mini.distill")
@@ -372,7 +372,7 @@ def _train(config: DistillConfig, world: World, teacher_module: Optional[nn.Modu
     validate_patch_size(c, patch, "student")
     teacher = build_teacher(c, teacher_module)
     teacher.to(world.device, dtype=teacher_dtype(c, world.device))
-    teacher_dim, _ = probe_teacher_dim(teacher, c, world.device)
+    teacher, teacher_dim = as_token_teacher(teacher, c, world.device)
     distiller = Distiller(c, student, teacher, world.device, teacher_dim).to(world.device)
     trainable = distiller.trainable
     ema = EMA(trainable.student)
