@@ -18,12 +18,16 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
+from timm.data.transforms import str_to_pil_interp
 from torchvision.transforms import v2 as transforms_v2
 
 from .errors import InvalidTileError
-from .tiles import LazyTile, TileRef, open_image, to_rgb
+from .tiles import LazyTile, TileRef, centre_crop_resized, check_aspect, open_image, to_rgb
 
 Pixels = Union[np.ndarray, torch.Tensor]  # uint8 (H, W, 3) or float (3, H, W) in [0, 1]
+# Up to this aspect ratio timm's own resize-then-crop runs (its intermediate is at most this many
+# crops: 2.4 MB at 224 px); beyond it only the kept crop is resampled (``centre_crop_resized``).
+EXACT_ASPECT_RATIO = 16
 
 
 @dataclass
@@ -102,11 +106,19 @@ class Preprocessing:
         return int(math.floor(self.size / self.crop_pct))  # as timm's create_transform computes it
 
     def _prepare_pil(self, image: Image.Image) -> np.ndarray:
+        check_aspect(image.width, image.height)
         if self.size is None:
             self._check_native(image.height, image.width)
         elif self.needs_resize(image.height, image.width):
-            image = self._resize(image)
+            image = self._resize_pil(image)
         return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
+
+    def _resize_pil(self, image: Image.Image) -> Image.Image:
+        scale_size = self._scale_size()
+        elongated = max(image.size) > EXACT_ASPECT_RATIO * min(image.size)
+        if elongated and scale_size >= self.size:  # (crop_pct > 1 pads: timm's transform, on a small image)
+            return centre_crop_resized(image, scale_size, self.size, str_to_pil_interp(self.interpolation))
+        return self._resize(image)
 
     def _prepare_array(self, array: np.ndarray) -> Pixels:
         if array.ndim == 2:
@@ -131,6 +143,7 @@ class Preprocessing:
         tensor = tensor.detach().cpu()
         if tensor.ndim != 3 or tensor.shape[0] != 3:
             raise InvalidTileError(f"a tensor tile must be (3, H, W) RGB, got shape {tuple(tensor.shape)}")
+        check_aspect(tensor.shape[2], tensor.shape[1])
         if tensor.dtype == torch.uint8:
             return self._prepare_pil(Image.fromarray(tensor.permute(1, 2, 0).numpy()))
         if not tensor.is_floating_point():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -30,6 +31,9 @@ from .errors import InvalidTileError
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".ppm"})
 LIST_SUFFIXES = frozenset({".txt", ".csv", ".tsv", ".lst"})
 GLOB_CHARS = ("*", "?", "[")
+# Longer side over shorter side. Beyond this an image is a strip or a lying header, not a tile: a
+# 241-byte 1x40000 PNG would otherwise be resized to 224x8960000 pixels (9 GB) before the crop.
+MAX_ASPECT_RATIO = 64
 
 
 @dataclass(frozen=True)
@@ -184,19 +188,76 @@ def read_list_file(path: Path) -> List[TileRef]:
 
 
 def open_image(path: str) -> Image.Image:
-    """Open and fully decode an image file as RGB, with errors that name the file."""
+    """Open and fully decode an image file as RGB, with errors (and warnings) that name the file.
+
+    The size in the header is checked before the pixels are decoded, so a small file that
+    claims a huge or absurdly elongated image costs nothing.
+    """
     if not os.path.exists(path):
         raise InvalidTileError("file not found", source=path)
     if os.path.getsize(path) == 0:
         raise InvalidTileError("file is empty", source=path)
+    size = None
     try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                size = image.size
+                check_aspect(*size)
+                image.load()
+                rgb = to_rgb(image)
+    except InvalidTileError as error:
+        raise InvalidTileError(error.reason, source=path) from None
     except UnidentifiedImageError:
         raise InvalidTileError("not an image Pillow can read", source=path) from None
+    except Image.DecompressionBombError as error:
+        raise InvalidTileError(
+            f"its header claims too many pixels, more than twice Pillow's decompression-bomb limit ({error}); "
+            "if the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS",
+            source=path,
+        ) from None
+    except (OverflowError, MemoryError):
+        raise InvalidTileError(f"its header claims {_pixels(size)}, too many to decode", source=path) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise InvalidTileError(f"corrupt or truncated image ({error})", source=path) from None
+    for warning in caught:
+        if issubclass(warning.category, Image.DecompressionBombWarning):
+            warnings.warn(f"{path!r}: {_pixels(size)}, more than Pillow's decompression-bomb warning limit; "
+                          "decoded anyway", Image.DecompressionBombWarning, stacklevel=2)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return rgb
+
+
+def _pixels(size: Optional[Tuple[int, int]]) -> str:
+    return f"{size[0]}x{size[1]} pixels" if size else "more pixels than fit in memory"
+
+
+def check_aspect(width: int, height: int) -> None:
+    """Reject an image whose sides are not a tile's (empty, or longer than ``MAX_ASPECT_RATIO`` : 1)."""
+    if width < 1 or height < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise InvalidTileError(
+            f"a {width}x{height} image is not a tile: its sides differ by more than {MAX_ASPECT_RATIO}:1 "
+            "(cut long strips into tiles first)"
+        )
+
+
+def centre_crop_resized(image: Image.Image, short_side: int, crop: int, resample: int) -> Image.Image:
+    """``image`` with its shorter side resized to ``short_side``, then centre-cropped to ``crop`` x ``crop``.
+
+    Only the kept crop is resampled (Pillow's ``box``), so an elongated image never becomes a
+    huge intermediate. The geometry is torchvision's (``Resize`` then ``CenterCrop``); the
+    pixels can differ from it by a grey level where a filter weight rounds the other way.
+    """
+    width, height = image.size
+    if width <= height:
+        new_width, new_height = short_side, int(short_side * height / width)
+    else:
+        new_width, new_height = int(short_side * width / height), short_side
+    top, left = int(round((new_height - crop) / 2.0)), int(round((new_width - crop) / 2.0))
+    scale_x, scale_y = width / new_width, height / new_height
+    box = (left * scale_x, top * scale_y, (left + crop) * scale_x, (top + crop) * scale_y)
+    return image.resize((crop, crop), resample, box=box)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -204,12 +204,10 @@ def load_tile(tile: TileLike, size: Optional[int] = None) -> np.ndarray:
             array = np.clip(np.round(array * 255.0), 0, 255)
         image = Image.fromarray(np.ascontiguousarray(array.astype(np.uint8)), "RGB")
     if size is not None and image.size != (size, size):
-        scale = size / min(image.size)
-        resized = image.resize(
-            (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC
-        )
-        left, top = (resized.width - size) // 2, (resized.height - size) // 2
-        image = resized.crop((left, top, left + size, top + size))
+        from .tiles import centre_crop_resized, check_aspect
+
+        check_aspect(*image.size)
+        image = centre_crop_resized(image, size, size, Image.Resampling.BICUBIC)
     return np.asarray(image, dtype=np.uint8)
 
 

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 import h0mini
 import h0mini.cli.embed
+import h0mini.testing
 from h0mini.cli import main
-from h0mini.errors import GatedModelError, OutputNotWritableError
+from h0mini.errors import GatedModelError, InvalidTileError, OutputNotWritableError
 from h0mini.writers import read_embeddings
 from fake_hub import FakeHub, FakeRepo
 from helpers import EXAMPLE_TILES, ROOT, checkpoint_files, write_checkpoint
@@ -197,3 +200,135 @@ def test_a_refused_token_names_its_source_never_the_token(source, hub, isolated_
     message = str(info.value)
     assert expected in message and secret not in message and "No token was sent" not in message
     assert any(auth == f"Bearer {secret}" for _, _, auth in hub.requests)  # it was sent, and refused
+
+
+# -- memory: extreme aspect ratios --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def preprocessing():
+    import timm
+
+    from h0mini.preprocess import Preprocessing
+
+    return Preprocessing.from_model(timm.create_model("h0mini_test"))
+
+
+ORDINARY_SHAPES = [(256, 256), (512, 512), (300, 250), (250, 300), (224, 500), (1000, 240), (225, 224), (50, 70),
+                   (224, 3584)]  # (width, height), up to 16:1: the model card's transform itself
+
+
+@pytest.mark.parametrize("shape", ORDINARY_SHAPES)
+def test_ordinary_tiles_get_exactly_the_model_card_pixels(preprocessing, shape):
+    for path in EXAMPLE_TILES:
+        image = Image.open(path).convert("RGB").resize(shape, Image.Resampling.BILINEAR)
+        expected = np.asarray(preprocessing._resize(image))  # timm's eval transform (resize, centre crop)
+        assert np.array_equal(preprocessing.prepare(image), expected), (path.name, shape)
+
+
+@pytest.mark.parametrize("shape", [(20, 640), (640, 20), (7, 448), (1, 64)])
+def test_elongated_tiles_keep_the_model_card_geometry_within_a_grey_level(preprocessing, shape):
+    for path in EXAMPLE_TILES:
+        image = Image.open(path).convert("RGB").resize(shape, Image.Resampling.BILINEAR)
+        expected = np.asarray(preprocessing._resize(image)).astype(int)
+        got = preprocessing.prepare(image).astype(int)
+        assert got.shape == (224, 224, 3) and np.abs(got - expected).max() <= 2, (path.name, shape)
+        assert np.abs(got - expected).mean() < 0.05
+
+
+def test_an_elongated_tile_is_never_resampled_whole(preprocessing, monkeypatch):
+    sizes = []
+    real_resize = Image.Image.resize
+
+    def recording(self, size, *args, **kwargs):
+        sizes.append(size)
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording)
+    assert preprocessing.prepare(Image.new("RGB", (1, 60), "red")).shape == (224, 224, 3)
+    assert max(w * h for w, h in sizes) <= 224 * 224  # timm's transform: 224 x 13440
+
+
+@pytest.mark.parametrize("shape", [(1, 40000), (40000, 1), (1, 65), (3, 1000)])
+def test_an_absurd_aspect_ratio_is_refused_by_name_before_decoding(shape, tmp_path):
+    from h0mini.tiles import open_image
+
+    path = tmp_path / "strip.png"
+    Image.new("RGB", shape).save(path)
+    with pytest.raises(InvalidTileError, match=r"'.*strip\.png'.*not a tile.*64:1"):
+        open_image(str(path))
+
+
+@pytest.mark.parametrize("make", [lambda: torch.zeros(3, 1, 40000), lambda: np.zeros((40000, 1, 3), np.uint8),
+                                  lambda: Image.new("RGB", (40000, 1))])
+def test_in_memory_tiles_with_an_absurd_aspect_ratio_are_refused(make):
+    model = h0mini.testing.random_model("h0mini_test", 0)
+    with pytest.raises(InvalidTileError, match="not a tile"):
+        h0mini.embed_tiles([make()], model)
+
+
+def test_robustness_and_viz_readers_refuse_absurd_tiles_and_crop_elongated_ones(tmp_path):
+    from h0mini import viz
+    from h0mini.eval.report import load_tiles
+
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (1, 40000)).save(strip)
+    with pytest.raises(InvalidTileError, match="strip.png"):
+        load_tiles([strip])
+    with pytest.raises(InvalidTileError, match="strip.png"):
+        viz.load_tile(strip, 224)
+    with pytest.raises(InvalidTileError, match="not a tile"):
+        viz.load_tile(np.zeros((40000, 1, 3), np.uint8), 224)
+    assert viz.load_tile(Image.new("RGB", (30, 1500), "blue"), 224).shape == (224, 224, 3)
+
+
+# -- messages: hostile image files ------------------------------------------------------------------
+
+
+def _png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels, with almost no data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("size, reason", [((1, 100_000_000), "not a tile"), ((100_000_000, 1), "not a tile"),
+                                          ((100_000, 100_000), "decompression-bomb limit.*10000000000 pixels")])
+def test_a_lying_png_header_is_a_named_invalid_tile(size, reason, tmp_path):
+    from h0mini.tiles import open_image
+
+    path = tmp_path / "liar.png"
+    path.write_bytes(_png_header_claiming(*size))
+    with pytest.raises(InvalidTileError, match=reason) as info:
+        open_image(str(path))
+    assert str(info.value).startswith(repr(str(path)))
+
+
+def test_a_float_tiff_is_named_as_such_not_as_corrupt(tmp_path):
+    from h0mini.tiles import open_image
+
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.random.default_rng(0).random((64, 64), dtype=np.float32), "F").save(path)
+    with pytest.raises(InvalidTileError, match="32-bit float") as info:
+        open_image(str(path))
+    assert "corrupt" not in str(info.value) and "float.tif" in str(info.value)
+
+
+def test_a_decompression_bomb_warning_names_the_tile(tmp_path, monkeypatch):
+    import warnings
+
+    from h0mini.tiles import open_image
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (224, 224)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40_000)  # 224 x 224 is over it, under twice it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert open_image(str(path)).size == (224, 224)
+    messages = [str(w.message) for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert len(messages) == 1 and repr(str(path)) in messages[0] and "224x224" in messages[0]
