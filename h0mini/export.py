@@ -21,8 +21,6 @@ import copy
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -38,6 +36,7 @@ from .onnx_model import (CONFIG_FILE, FORMAT, FORMAT_VERSION, INPUT_NAME, MODEL_
 from .preprocess import Preprocessing
 from .tiles import read_input
 from .version import __version__
+from .writers import atomic_folder, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +127,7 @@ def export_onnx(
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise OutputNotWritableError(f"{str(folder)!r} already exists and is not an empty folder; remove it or pick "
                                      "another output folder")
+    check_writable(folder.parent, folder=True)
     import_onnx_packages()
     model = _fp32_cpu(model)
     preprocessing = Preprocessing.from_model(model)
@@ -136,12 +136,9 @@ def export_onnx(
         raise InvalidTileError(f"int8 needs at least {MIN_INT8_TILES} tiles (calibration and held-out), got "
                                f"{len(pixels)}; pass more tiles of your own data")
     reference = _embed(model, pixels)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as work:
         config = export_config(model, preprocessing, opset)
-        fp32_path = work / MODEL_FILE
-        _export_graph(model, fp32_path, preprocessing.size, opset)
+        _export_graph(model, work / MODEL_FILE, preprocessing.size, opset)
         _write_config(work, config)
         fp32 = _validate(load_onnx_model(work), pixels, reference)
         logger.info(fp32.summary("ONNX Runtime fp32"))
@@ -156,12 +153,6 @@ def export_onnx(
             result.precision = config["precision"] = "int8"
         _write_config(work, config)
         (work / "README.md").write_text(export_readme(config))
-        work.chmod(0o755)  # mkdtemp's 0o700 is for the work in progress, not the result
-        if folder.exists():
-            folder.rmdir()
-        os.replace(work, folder)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return result
 
 

@@ -12,6 +12,8 @@ import errno
 import json
 import os
 import secrets
+import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +77,33 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_folder(folder: Path) -> Iterator[Path]:
+    """A temporary folder beside ``folder``, put in its place only when the block succeeds.
+
+    Readers never see a half-written folder and a failure leaves nothing behind. The folder
+    gets mode 0777 less the umask (``mkdtemp``'s 0700 is for the work in progress). A folder
+    already at ``folder`` is replaced.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}-", suffix=".tmp", dir=folder.parent))
+    mask = os.umask(0o022)
+    os.umask(mask)
+    tmp.chmod(0o777 & ~mask)
+    try:
+        yield tmp
+        if folder.exists():
+            old = tmp.with_name(tmp.name + ".old")
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_stale_temp(path: Path) -> List[Path]:

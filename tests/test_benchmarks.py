@@ -14,7 +14,7 @@ def benchmarks_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
 
 
-@pytest.mark.parametrize("script", ["model_only", "end_to_end", "precision_parity", "memory", "slide_pipeline"])
+@pytest.mark.parametrize("script", ["model_only", "end_to_end", "precision_parity", "memory", "slide_pipeline", "onnx_runtime"])
 def test_benchmark_runs_and_reports(script, capsys):
     rows = importlib.import_module(script).main(["--smoke", "--device", "cpu"])
     assert rows and all(rows)
