@@ -169,13 +169,14 @@ def test_the_gate_refuses_a_broken_quantisation_and_writes_nothing(int8_export, 
     model, _, _ = int8_export
     real = export_module.quantize_static_qdq
 
-    def broken(source, target, calibration):  # calibrated on black tiles: every activation range is wrong
-        real(source, target, np.zeros_like(calibration))
+    def broken(source, target, calibration, keep_float):  # calibrated on black tiles: activation ranges wrong
+        real(source, target, np.zeros_like(calibration), keep_float)
 
     monkeypatch.setattr(export_module, "quantize_static_qdq", broken)
     with pytest.raises(ExportValidationError, match="int8 (min|mean) CLS cosine") as caught:
         export_onnx(model, tmp_path / "int8", quantize="int8")
-    assert caught.value.failed
+    assert [f.split("]")[0] for f in caught.value.failed] == ["[linear layers kept float: none",
+                                                              "[linear layers kept float: mlp_output"]
     assert list(tmp_path.iterdir()) == []  # no folder, no temporary left behind
 
 
@@ -197,3 +198,9 @@ def test_full_size_h0_mini_exports_and_matches_torch(tmp_path):
     assert config["output"]["shape"] == ["batch", 261, 768]
     rows = h0mini.embed_tiles(TILES[:2], tmp_path / "export", progress=False)
     np.testing.assert_allclose(rows, torch_embed(model, TILES[:2]), atol=1e-4)
+
+
+def test_the_mlp_output_projections_are_found_once_per_block(tiny):
+    model, folder, _ = tiny
+    names = export_module.mlp_output_projections(folder / MODEL_FILE)
+    assert len(names) == len(model.blocks)
