@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import logging
 
+from . import interrupt as _interrupt
+
+if _interrupt.started_as_command():  # before torch's seconds of importing: Ctrl-C gives one line, 130
+    _interrupt.exit_on_interrupt()
+
 from . import registry as _registry  # noqa: F401  (registers the timm entrypoints)
 from .errors import (
     EvaluationInputError,

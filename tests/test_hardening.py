@@ -332,3 +332,40 @@ def test_a_decompression_bomb_warning_names_the_tile(tmp_path, monkeypatch):
         assert open_image(str(path)).size == (224, 224)
     messages = [str(w.message) for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
     assert len(messages) == 1 and repr(str(path)) in messages[0] and "224x224" in messages[0]
+
+
+# -- messages: Ctrl-C ------------------------------------------------------------------------------
+
+CONSOLE_SCRIPT = "import sys\nfrom h0mini.cli import entrypoint\nsys.exit(entrypoint())\n"  # as pip writes it
+
+
+@pytest.mark.parametrize("how", ["python -m h0mini", "console script"])
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0])  # while torch and timm import, on this machine
+def test_ctrl_c_during_start_up_is_one_line_and_130(how, delay, tiles, tmp_path):
+    import signal
+    import time
+
+    if how == "console script":
+        script = tmp_path / "bin" / "h0mini"
+        script.parent.mkdir()
+        script.write_text(CONSOLE_SCRIPT)
+        command = [sys.executable, str(script)]
+    else:
+        command = [sys.executable, "-m", "h0mini"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HOME=str(tmp_path / "hf"))
+    process = subprocess.Popen(command + ["embed", str(tiles), "-o", str(tmp_path / "f.h5"), "--weights",
+                                          str(tmp_path / "none")], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    if process.returncode == 1 and "error:" in err:
+        pytest.skip("the command finished before the signal")
+    assert (process.returncode, err) == (130, "interrupted\n")
+
+
+def test_importing_h0mini_in_a_program_leaves_ctrl_c_alone():
+    code = "import signal, h0mini; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "True", result.stderr

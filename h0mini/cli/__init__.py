@@ -15,6 +15,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from ..errors import H0miniError
+from ..interrupt import EXIT_STATUS, exit_on_interrupt, raise_on_interrupt
 from ..version import __version__
 from ..wording import command_line_words
 
@@ -47,6 +48,14 @@ def _add_output_options(parser: argparse.ArgumentParser, *, default: bool) -> No
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_STATUS
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = main_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     _configure_logging(args.verbose, args.quiet)
@@ -64,9 +73,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 def _one_line(error: BaseException) -> str:
@@ -84,7 +90,11 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 
 def entrypoint() -> None:
     """Console-script and ``python -m h0mini`` entry."""
-    sys.exit(main())
+    raise_on_interrupt()  # the command saves its finished batches on KeyboardInterrupt
+    code = main()
+    sys.stdout.flush()
+    exit_on_interrupt()  # nothing left to save while the interpreter shuts down
+    sys.exit(code)
 
 
 def add_weights_arguments(parser: argparse.ArgumentParser, *, default_help: str = "bioptimus/H0-mini") -> None:

@@ -1,0 +1,45 @@
+"""Ctrl-C ends the ``h0mini`` command with one line, ``interrupted``, and exit status 130, at any moment.
+
+While the command's modules import (torch takes seconds) and while the interpreter shuts down,
+there is nothing to save: the handler prints the line and exits at once. While a command runs,
+Ctrl-C raises ``KeyboardInterrupt`` as usual, so finished batches are saved on the way out.
+Only the command's own process is touched: ``import h0mini`` in a user's program changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+EXIT_STATUS = 130  # 128 + SIGINT, as shells report it
+
+
+def exit_interrupted(signum: int = signal.SIGINT, frame: object = None) -> None:
+    """Print ``interrupted`` and leave now (signal handler; nothing else to clean up at this stage)."""
+    try:
+        os.write(2, b"interrupted\n")
+    finally:
+        os._exit(EXIT_STATUS)
+
+
+def exit_on_interrupt() -> None:
+    """From now on Ctrl-C exits at once with one line."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, exit_interrupted)
+
+
+def raise_on_interrupt() -> None:
+    """From now on Ctrl-C raises ``KeyboardInterrupt`` (Python's default), for the command to handle."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def started_as_command() -> bool:
+    """True in the process of the ``h0mini`` console script or of ``python -m h0mini``."""
+    script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if script in ("h0mini", "h0mini.exe", "h0mini-script.py"):
+        return True
+    original = list(getattr(sys, "orig_argv", []))[1:]  # Python 3.10+; the interpreter's options, then -m NAME
+    return "-m" in original and original[original.index("-m") + 1:][:1] == ["h0mini"]
