@@ -27,17 +27,19 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 
-from .errors import InvalidTileError
+from .errors import InvalidArgumentError, InvalidTileError
 from .jpeg import JPEG_DECODERS, EncodedJpeg, decode_on_device, read_encoded
 from .model import load_model
 from .onnx_model import OnnxModel
 from .preprocess import Preprocessing
 from .runtime import ModelForward, resolve_device, resolve_precision
 from .tiles import TileRef, DatasetItems, describe, read_input
+from .wording import say
 
 logger = logging.getLogger(__name__)
 
 OUTPUTS = ("cls+mean", "cls", "mean", "patch_tokens", "all")
+DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 8}  # tiles per forward pass (measured fastest on each)
 ModelLike = Union[torch.nn.Module, str, os.PathLike, None]
 
 
@@ -137,7 +139,7 @@ def embed_tiles(
         (7, 1536)
     """
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise InvalidArgumentError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     embedder = TileEmbedder(
         model,
         output=output,
@@ -205,9 +207,9 @@ class TileEmbedder:
         jpeg_decode: str = "cpu",
     ):
         if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+            raise InvalidArgumentError(f"output must be one of {OUTPUTS}, got {output!r}")
         if jpeg_decode not in JPEG_DECODERS:
-            raise ValueError(f"jpeg_decode must be one of {JPEG_DECODERS}, got {jpeg_decode!r}")
+            raise InvalidArgumentError(f"jpeg_decode must be one of {JPEG_DECODERS}, got {jpeg_decode!r}")
         self.jpeg_decode = jpeg_decode
         model = resolve_model(model)
         if isinstance(model, OnnxModel):
@@ -217,7 +219,7 @@ class TileEmbedder:
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 1))
         self.output = output
         self.autocast_dtype = resolve_precision(precision, self.device)
-        self.batch_size = _positive(batch_size, "batch_size") or (256 if self.device.type == "cuda" else 8)
+        self.batch_size = _positive(batch_size, "batch_size") or DEFAULT_BATCH_SIZE["cuda" if self.device.type == "cuda" else "cpu"]
         self._micro_batch = self.batch_size
         self.num_workers = num_workers
         self.preprocessing = Preprocessing.from_model(self.model, input_size)
@@ -252,14 +254,19 @@ class TileEmbedder:
             yield from self._embed_batches(batches, on_error)
 
     def _embed_batches(self, batches: Iterator[tuple], on_error: str) -> Iterator[EmbeddedBatch]:
-        for number, (indices, pixel_groups, skipped) in enumerate(batches, start=1):
+        warned_oversize = False
+        for number, (indices, pixel_groups, skipped, notes) in enumerate(batches, start=1):
+            if notes and not warned_oversize:  # once per run: the first such tile stands for all
+                warned_oversize = True
+                warnings.warn(f"tile {notes[0][0]} ({notes[0][1]}): {notes[0][2]} (shown once per run)",
+                              UserWarning, stacklevel=4)
             if number % TRIM_EVERY == 0:
                 release_freed_memory()
             if any(isinstance(pixels, list) for _, pixels in pixel_groups):
                 pixel_groups, skipped = self._decode_jpegs(pixel_groups, skipped)
             if skipped and on_error == "raise":
                 bad = skipped[0]
-                raise InvalidTileError(bad.reason, index=bad.index, source=bad.source)
+                raise InvalidTileError(f"{bad.reason}; {_skip_hint()}", index=bad.index, source=bad.source)
             features: Dict[str, List[torch.Tensor]] = {}
             order: List[np.ndarray] = []
             for group_indices, pixels in pixel_groups:
@@ -282,7 +289,7 @@ class TileEmbedder:
             kept, tensors = [], []
             for index, item, tensor in zip(group_indices, pixels, decode_on_device(pixels, self.device)):
                 if tensor is None:  # the CPU path decodes it, or names why it cannot
-                    _, array, reason, source = _Prepare(self.preprocessing)(int(index), item.path)
+                    _, array, reason, source, _ = _Prepare(self.preprocessing)(int(index), item.path)
                     if reason is not None:
                         rejected.append(SkippedTile(int(index), source, reason))
                         continue
@@ -297,7 +304,7 @@ class TileEmbedder:
 
     # -- preparation -----------------------------------------------------------------------
 
-    def _prepared_batches(self, source: Any) -> Iterator[Tuple[np.ndarray, list, List[SkippedTile]]]:
+    def _prepared_batches(self, source: Any) -> Iterator[Tuple[np.ndarray, list, List[SkippedTile], list]]:
         workers = self._workers(source)
         prepare = _Prepare(self.preprocessing, encoded_jpegs=self.jpeg_decode == "device")
         if workers > 0 and source.length is not None:
@@ -435,6 +442,11 @@ def _onnx_settings(model: OnnxModel, device: Union[str, torch.device], precision
     return "cpu", "fp32"
 
 
+def _skip_hint() -> str:
+    return say('on_error="skip" leaves unreadable tiles out and lists them',
+               "with `h0mini embed`, --on-error skip leaves unreadable tiles out and lists them")
+
+
 def _positive(value: Optional[int], name: str) -> Optional[int]:
     if value is not None and (not isinstance(value, int) or value < 1):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -451,7 +463,8 @@ class _Prepare:
         self.preprocessing = preprocessing
         self.encoded_jpegs = encoded_jpegs
 
-    def __call__(self, index: int, item: Any) -> Tuple[int, Any, Optional[str], str]:
+    def __call__(self, index: int, item: Any) -> Tuple[int, Any, Optional[str], str, Optional[str]]:
+        """(index, pixels, why it failed, source, a note on how it was resized) for one tile."""
         if isinstance(item, TileRef):
             source = item.path
         else:
@@ -459,13 +472,14 @@ class _Prepare:
         if self.encoded_jpegs and isinstance(item, (TileRef, str, os.PathLike)):
             encoded = read_encoded(source, self.preprocessing)
             if encoded is not None:
-                return index, encoded, None, source
+                return index, encoded, None, source, None
         try:
-            return index, self.preprocessing.prepare(item), None, source
+            pixels, note = self.preprocessing.prepare_noting(item)
+            return index, pixels, None, source, note
         except InvalidTileError as error:
-            return index, None, error.reason, source
+            return index, None, error.reason, source, None
         except Exception as error:  # a decoder bug or exotic file must not kill the run
-            return index, None, f"{type(error).__name__}: {error}", source
+            return index, None, f"{type(error).__name__}: {error}", source, None
 
 
 class _PreparedDataset(torch.utils.data.Dataset):
@@ -476,16 +490,20 @@ class _PreparedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> Tuple[int, Any, Optional[str], str]:
+    def __getitem__(self, index: int) -> Tuple[int, Any, Optional[str], str, Optional[str]]:
         return self.prepare(index, self.items[index])
 
 
-def collate(samples: List[Tuple[int, Any, Optional[str], str]]) -> Tuple[np.ndarray, list, List[SkippedTile]]:
-    """Stack prepared tiles into batches of equal shape and dtype, keeping their input indices."""
-    skipped = [SkippedTile(i, source, reason) for i, pixels, reason, source in samples if reason is not None]
+def collate(samples: List[Tuple[int, Any, Optional[str], str, Optional[str]]]) -> Tuple[np.ndarray, list, List[SkippedTile], list]:
+    """Stack prepared tiles into batches of equal shape and dtype, keeping their input indices.
+
+    Returns indices, batches, skipped tiles and the resize notes ``(index, source, note)``.
+    """
+    skipped = [SkippedTile(i, source, reason) for i, pixels, reason, source, _ in samples if reason is not None]
+    notes = [(i, source, note) for i, _, _, source, note in samples if note is not None]
     groups: Dict[Tuple, List[Tuple[int, torch.Tensor]]] = {}
-    encoded = [(index, pixels) for index, pixels, reason, _ in samples if isinstance(pixels, EncodedJpeg)]
-    for index, pixels, reason, _ in samples:
+    encoded = [(index, pixels) for index, pixels, *_ in samples if isinstance(pixels, EncodedJpeg)]
+    for index, pixels, reason, *_ in samples:
         if reason is not None or isinstance(pixels, EncodedJpeg):
             continue
         tensor = torch.from_numpy(pixels).permute(2, 0, 1) if isinstance(pixels, np.ndarray) else pixels
@@ -501,7 +519,7 @@ def collate(samples: List[Tuple[int, Any, Optional[str], str]]) -> Tuple[np.ndar
     if encoded:  # decoded next to the model: a list, not a stacked tensor
         batches.append((np.array([i for i, _ in encoded], dtype=np.int64), [e for _, e in encoded]))
     indices = np.concatenate([b[0] for b in batches]) if batches else np.zeros(0, dtype=np.int64)
-    return indices, batches, skipped
+    return indices, batches, skipped, notes
 
 
 def _batched_in_thread(items: Iterable[Any], prepare: _Prepare, batch_size: int, pin: bool) -> Iterator[tuple]:
@@ -516,9 +534,9 @@ def _batched_in_thread(items: Iterable[Any], prepare: _Prepare, batch_size: int,
         yield _pinned(collate(samples)) if pin else collate(samples)
 
 
-def _pinned(batch: Tuple[np.ndarray, list, List[SkippedTile]]) -> Tuple[np.ndarray, list, List[SkippedTile]]:
-    indices, groups, skipped = batch
-    return indices, [(i, pixels if isinstance(pixels, list) else pixels.pin_memory()) for i, pixels in groups], skipped
+def _pinned(batch: Tuple[np.ndarray, list, List[SkippedTile], list]) -> Tuple[np.ndarray, list, List[SkippedTile], list]:
+    indices, groups, skipped, notes = batch
+    return indices, [(i, pixels if isinstance(pixels, list) else pixels.pin_memory()) for i, pixels in groups], skipped, notes
 
 
 _DONE = object()

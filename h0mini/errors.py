@@ -50,6 +50,10 @@ class HubConnectionError(H0miniError, ConnectionError):
     """The Hub answered with an error that is neither access nor a missing file (5xx, proxy)."""
 
 
+class InvalidArgumentError(H0miniError, ValueError):
+    """An option that takes one of a few values got another (``output="pooled"``); the message lists them."""
+
+
 class IncompatibleCheckpointError(H0miniError, ValueError):
     """A checkpoint's tensors do not fit the architecture they are loaded into."""
 

@@ -24,6 +24,8 @@ from torchvision.transforms import v2 as transforms_v2
 from .errors import InvalidTileError
 from .tiles import LazyTile, TileRef, centre_crop_resized, check_aspect, open_image, to_rgb
 
+# A tile longer than this many input sizes on a side gets one warning per run (most of it is lost).
+OVERSIZE_FACTOR = 2
 Pixels = Union[np.ndarray, torch.Tensor]  # uint8 (H, W, 3) or float (3, H, W) in [0, 1]
 # Up to this aspect ratio timm's own resize-then-crop runs (its intermediate is at most this many
 # crops: 2.4 MB at 224 px); beyond it only the kept crop is resampled (``centre_crop_resized``).
@@ -81,12 +83,30 @@ class Preprocessing:
 
     def prepare(self, item: Any) -> Pixels:
         """Decode one tile to pixels at the model's input size: uint8 (H, W, 3) or float (3, H, W)."""
+        return self.prepare_noting(item)[0]
+
+    def prepare_noting(self, item: Any) -> Tuple[Pixels, Optional[str]]:
+        """``prepare``, plus a note when the tile was much larger than the input (None otherwise).
+
+        Slide regions (``LazyTile``) get no note: the slide reader picks their size on purpose.
+        """
+        if isinstance(item, LazyTile):
+            return self._prepare_loaded(item.load()), None
         if isinstance(item, TileRef):
             item = open_image(item.path)
-        elif isinstance(item, LazyTile):
-            item = item.load()
         elif isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
             item = open_image(str(item))
+        if isinstance(item, Image.Image):
+            note = self._oversize_note(item.width, item.height)
+        elif isinstance(item, torch.Tensor):
+            note = self._oversize_note(item.shape[-1], item.shape[-2]) if item.ndim == 3 else None
+        elif isinstance(item, np.ndarray):
+            note = self._oversize_note(item.shape[1], item.shape[0]) if item.ndim in (2, 3) else None
+        else:
+            note = None
+        return self._prepare_loaded(item), note
+
+    def _prepare_loaded(self, item: Any) -> Pixels:
         if isinstance(item, Image.Image):
             return self._prepare_pil(to_rgb(item))
         if isinstance(item, torch.Tensor):
@@ -97,6 +117,14 @@ class Preprocessing:
             f"unsupported tile type {type(item).__name__}: expected a PIL image, a (H, W, 3) array, "
             "a (3, H, W) tensor or a path"
         )
+
+    def _oversize_note(self, width: int, height: int) -> Optional[str]:
+        """A tile more than twice the input size on a side loses most of its detail in the resize."""
+        if self.size is None or max(width, height) <= OVERSIZE_FACTOR * self.size:
+            return None
+        return (f"{width}x{height} px, much larger than the model's {self.size} px input: resized "
+                f"(shorter side to {self._scale_size()} px, {self.interpolation}, centre crop), so most of its detail "
+                f"is lost; cut large images into {self.size} px tiles, and embed whole slides with embed-slides")
 
     def needs_resize(self, height: int, width: int) -> bool:
         """False only where timm's resize + centre crop is the identity: a square tile at crop_pct 1."""

@@ -7,6 +7,11 @@ reads an image the same way:
   sorted order; a glob pattern its sorted matches; a ``.txt``/``.csv``/``.tsv``
   list file one path per line (CSV: the ``path`` column, else the first; relative
   paths are taken from the list file's folder; ``x``/``y`` columns become coords).
+* Whole slides are not tiles: a file with a slide-only suffix (``.svs``, ``.ndpi``,
+  ``.mrxs``...) passed by name is refused, and skipped with one warning naming it in a
+  folder or glob. ``.tif``/``.tiff`` are tile formats too, so such a file is refused only
+  when it opens as a pyramid (more than one page, the second smaller than the first).
+  Either way the message points to ``h0mini embed-slides``.
 * Modes: RGB is kept; alpha (RGBA, LA, PA, P with transparency) is composited on
   white, because white is glass in a slide; grayscale and CMYK go through Pillow's
   RGB conversion; 16-bit grayscale is scaled to 8 bits (divided by 257) before it.
@@ -27,6 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidTileError
+from .wording import say
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".ppm"})
 LIST_SUFFIXES = frozenset({".txt", ".csv", ".tsv", ".lst"})
@@ -34,6 +40,24 @@ GLOB_CHARS = ("*", "?", "[")
 # Longer side over shorter side. Beyond this an image is a strip or a lying header, not a tile: a
 # 241-byte 1x40000 PNG would otherwise be resized to 224x8960000 pixels (9 GB) before the crop.
 MAX_ASPECT_RATIO = 64
+# Files OpenSlide or tiffslide open as whole slides (h0mini.wsi reads them; the tile commands refuse them).
+SLIDE_SUFFIXES = frozenset(
+    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi", ".dcm", ".qptiff"}
+)
+# Of those, the ones that are never a tile (.tif/.tiff are, unless pyramidal).
+SLIDE_ONLY_SUFFIXES = SLIDE_SUFFIXES - IMAGE_SUFFIXES
+
+
+def slide_hint() -> str:
+    return say(
+        "embed whole slides with h0mini.embed_slides() (tiled by µm/px, tissue only)",
+        "embed whole slides with `h0mini embed-slides SLIDE... -o DIR` (tiled by µm/px, tissue only)",
+    )
+
+
+def is_slide_only(path: Union[str, os.PathLike]) -> bool:
+    """True for a suffix that names a whole-slide format and never a tile (``.svs``, ``.ndpi``...)."""
+    return Path(path).suffix.lower() in SLIDE_ONLY_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -137,21 +161,35 @@ def expand_path(spec: Union[str, os.PathLike]) -> List[TileRef]:
     text = os.fspath(spec)
     path = Path(text).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        entries = sorted(p for p in path.iterdir() if p.is_file())
+        _warn_skipped_slides(text, [str(p) for p in entries if is_slide_only(p)])
+        files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
         if not files:
-            raise InvalidTileError(f"the folder {text!r} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise InvalidTileError(f"the folder {text!r} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                                   + (f"; {slide_hint()}" if any(is_slide_only(p) for p in entries) else ""))
         return [TileRef(str(p)) for p in files]
     if path.is_file():
         if path.suffix.lower() in LIST_SUFFIXES:
             return read_list_file(path)
+        if is_slide_only(path):
+            raise InvalidTileError(f"a whole-slide file ({path.suffix}), not a tile: {slide_hint()}", source=text)
         return [TileRef(str(path))]
     if any(c in text for c in GLOB_CHARS):
         matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
         files = [m for m in matches if os.path.isfile(m)]
+        _warn_skipped_slides(text, [m for m in files if is_slide_only(m)])
+        files = [m for m in files if not is_slide_only(m)]
         if not files:
-            raise InvalidTileError(f"the pattern {text!r} matches no files")
+            raise InvalidTileError(f"the pattern {text!r} matches no tile files")
         return [TileRef(m) for m in files]
     raise InvalidTileError(f"no such file, folder or pattern: {text!r}")
+
+
+def _warn_skipped_slides(spec: str, slides: List[str]) -> None:
+    if slides:
+        shown = ", ".join(repr(os.path.basename(s)) for s in slides[:5]) + (f" and {len(slides) - 5} more" if len(slides) > 5 else "")
+        warnings.warn(f"{spec!r}: skipped {len(slides)} whole-slide file(s), not tiles: {shown}; {slide_hint()}",
+                      UserWarning, stacklevel=3)
 
 
 def read_list_file(path: Path) -> List[TileRef]:
@@ -197,12 +235,19 @@ def open_image(path: str) -> Image.Image:
         raise InvalidTileError("file not found", source=path)
     if os.path.getsize(path) == 0:
         raise InvalidTileError("file is empty", source=path)
+    if is_slide_only(path):
+        raise InvalidTileError(f"a whole-slide file, not a tile: {slide_hint()}", source=path)
     size = None
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 size = image.size
+                if is_pyramid(image):
+                    raise InvalidTileError(
+                        f"a pyramidal TIFF ({image.width}x{image.height}, {image.n_frames} pages): a whole slide, "
+                        f"not a tile; {slide_hint()}"
+                    )
                 check_aspect(*size)
                 image.load()
                 rgb = to_rgb(image)
@@ -258,6 +303,19 @@ def centre_crop_resized(image: Image.Image, short_side: int, crop: int, resample
     scale_x, scale_y = width / new_width, height / new_height
     box = (left * scale_x, top * scale_y, (left + crop) * scale_x, (top + crop) * scale_y)
     return image.resize((crop, crop), resample, box=box)
+
+
+def is_pyramid(image: Image.Image) -> bool:
+    """A multi-page TIFF whose second page is smaller than the first: a slide's resolution pyramid."""
+    if image.format != "TIFF" or getattr(image, "n_frames", 1) < 2:
+        return False
+    size = image.size
+    try:
+        image.seek(1)
+        smaller = image.size[0] < size[0] and image.size[1] < size[1]
+    finally:
+        image.seek(0)
+    return smaller
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -83,3 +83,123 @@ def test_output_options_are_accepted_before_or_after_the_command(argv):
 def test_output_options_default_when_not_given():
     args = h0mini.cli.main_parser().parse_args(["card"])
     assert (args.verbose, args.quiet, args.debug) == (0, False, False)
+
+
+# --- odd inputs ----------------------------------------------------------------------------------
+
+import shutil  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from helpers import SLIDE, make_model, write_checkpoint  # noqa: E402
+from h0mini.tiles import SLIDE_SUFFIXES, expand_path  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_model()
+
+
+def test_one_list_of_slide_suffixes():
+    from h0mini.wsi import reader
+
+    assert reader.SLIDE_SUFFIXES is SLIDE_SUFFIXES
+    assert {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".czi"} <= SLIDE_SUFFIXES
+
+
+def test_a_slide_in_a_tile_folder_is_skipped_by_name(tmp_path):
+    shutil.copy(EXAMPLE_TILES[0], tmp_path / "a.png")
+    shutil.copy(SLIDE, tmp_path / "slide.svs")
+    with pytest.warns(UserWarning, match=r"skipped 1 whole-slide file.*'slide.svs'.*embed_slides"):
+        refs = expand_path(tmp_path)
+    assert [r.path for r in refs] == [str(tmp_path / "a.png")]
+
+
+def test_a_slide_passed_as_a_tile_is_refused_with_the_slide_command(tmp_path, tiny, capsys):
+    with pytest.raises(errors.InvalidTileError, match=r"whole-slide file.*h0mini.embed_slides\(\)"):
+        h0mini.embed_tiles([str(SLIDE)], model=tiny)
+    weights = tmp_path / "w"
+    write_checkpoint(weights)
+    assert main(["embed", str(SLIDE), "-o", str(tmp_path / "x.h5"), "--weights", str(weights)]) == 1
+    err = capsys.readouterr().err
+    assert "CMU-1-Small-Region.svs" in err and "h0mini embed-slides" in err
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_pyramidal_tiff_is_refused_and_a_plain_tiff_tile_is_embedded(tmp_path, tiny):
+    pixels = np.asarray(Image.open(EXAMPLE_TILES[0]).convert("RGB"))
+    big = Image.fromarray(np.tile(pixels, (4, 4, 1)))
+    big.save(tmp_path / "pyramid.tif", save_all=True, append_images=[big.resize((448, 448)), big.resize((224, 224))])
+    Image.fromarray(pixels).save(tmp_path / "tile.tif")
+    with pytest.raises(errors.InvalidTileError, match=r"pyramid\.tif.*pyramidal TIFF \(896x896, 3 pages\).*embed_slides"):
+        h0mini.embed_tiles([str(tmp_path / "pyramid.tif")], model=tiny)
+    assert h0mini.embed_tiles(str(tmp_path / "tile.tif"), model=tiny).shape == (96,)
+
+
+def test_a_tile_much_larger_than_the_input_warns_once_per_run_with_its_name_and_size(tmp_path, tiny):
+    pixels = np.asarray(Image.open(EXAMPLE_TILES[0]).convert("RGB"))
+    for i in range(3):
+        Image.fromarray(np.tile(pixels, (5, 5, 1))[:1000, :1000]).save(tmp_path / f"big{i}.png")
+    Image.fromarray(np.tile(pixels, (2, 2, 1))).save(tmp_path / "twice.png")  # 448 px: resized without a word
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        h0mini.embed_tiles(str(tmp_path), model=tiny, batch_size=2, num_workers=0)
+    messages = [str(w.message) for w in caught if "much larger" in str(w.message)]
+    assert len(messages) == 1
+    assert "big0.png" in messages[0] and "1000x1000 px" in messages[0] and "resized" in messages[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        h0mini.embed_tiles(str(tmp_path / "twice.png"), model=tiny)
+    assert not [w for w in caught if "much larger" in str(w.message)]
+
+
+# --- small edges ---------------------------------------------------------------------------------
+
+
+def test_an_unknown_output_is_an_h0mini_error(tiny):
+    with pytest.raises(errors.InvalidArgumentError, match=r"output must be one of .*got 'pooled'") as info:
+        h0mini.embed_tiles(np.zeros((224, 224, 3), np.uint8), model=tiny, output="pooled")
+    assert isinstance(info.value, errors.H0miniError) and isinstance(info.value, ValueError)
+
+
+def test_an_unreadable_tile_error_says_how_to_skip_it(tmp_path, tiny, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(errors.InvalidTileError, match=r"bad\.png.*on_error=\"skip\""):
+        h0mini.embed_tiles([str(bad)], model=tiny)
+    weights = tmp_path / "w"
+    write_checkpoint(weights)
+    assert main(["embed", str(bad), "-o", str(tmp_path / "x.h5"), "--weights", str(weights)]) == 1
+    err = capsys.readouterr().err
+    assert "--on-error skip" in err and "on_error=" not in err
+
+
+def test_every_command_states_the_batch_size_default_the_embedder_applies():
+    from h0mini.embed import DEFAULT_BATCH_SIZE
+
+    parser = h0mini.cli.main_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    wanted = f"{DEFAULT_BATCH_SIZE['cuda']} on CUDA, {DEFAULT_BATCH_SIZE['cpu']} on CPU"
+    for name in ("embed", "embed-slides", "robustness"):
+        helps = [a.help for a in commands[name]._actions if "--batch-size" in a.option_strings]
+        assert helps and wanted in helps[0], (name, helps)
+    assert h0mini.TileEmbedder(make_model(), device="cpu").batch_size == DEFAULT_BATCH_SIZE["cpu"]
+
+
+def test_top_k_retrieval_with_too_few_tiles_warns_that_it_is_trivial(tmp_path):
+    pytest.importorskip("pandas")
+    pytest.importorskip("matplotlib")
+    from h0mini.eval.report import robustness_report
+
+    tiles = [Image.open(p).convert("RGB") for p in EXAMPLE_TILES[:4]]
+    rng = np.random.default_rng(0)
+
+    def embed(images):
+        return rng.standard_normal((len(images), 8))
+
+    with pytest.warns(UserWarning, match=r"top-5 retrieval among 7 candidates \(4 tiles\).*by construction"):
+        robustness_report(tiles, {"m": embed}, tmp_path / "r", perturbations={"blur": (1.0,)}, ks=(1, 5), n_examples=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        robustness_report(tiles, {"m": embed}, tmp_path / "r2", perturbations={"blur": (1.0,)}, ks=(1, 3), n_examples=0)

@@ -97,6 +97,13 @@ def entrypoint() -> None:
     sys.exit(code)
 
 
+def batch_size_help() -> str:
+    """The --batch-size help of every command, from the defaults TileEmbedder applies."""
+    from ..embed import DEFAULT_BATCH_SIZE
+
+    return f"default: {DEFAULT_BATCH_SIZE['cuda']} on CUDA, {DEFAULT_BATCH_SIZE['cpu']} on CPU"
+
+
 def add_weights_arguments(parser: argparse.ArgumentParser, *, default_help: str = "bioptimus/H0-mini") -> None:
     """Options every command that loads a model shares."""
     group = parser.add_argument_group("weights")
@@ -110,4 +117,4 @@ def add_weights_arguments(parser: argparse.ArgumentParser, *, default_help: str 
     group.add_argument("--offline", action="store_true", help="use only cached or local files")
 
 
-__all__: List[str] = ["main", "main_parser", "entrypoint", "add_weights_arguments"]
+__all__: List[str] = ["main", "main_parser", "entrypoint", "add_weights_arguments", "batch_size_help"]

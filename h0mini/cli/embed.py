@@ -12,7 +12,7 @@ from ..runtime import resolve_device
 from ..job import embed_to_file, gather_tiles
 from ..model import load_model
 from ..writers import FORMATS, check_format, check_writable
-from . import add_weights_arguments
+from . import add_weights_arguments, batch_size_help
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output-mode", default="cls+mean", choices=OUTPUTS, help="what to store (default: cls+mean)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1... (default: auto)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 8 on CPU")
+    parser.add_argument("--batch-size", type=int, default=None, help=batch_size_help())
     parser.add_argument("--num-workers", default="auto", help="decoding worker processes (default: auto)")
     parser.add_argument("--input-size", default=None, help="224 (default: the model's), another multiple of 14, or native")
     parser.add_argument("--on-error", default="raise", choices=("raise", "skip"), help="on a bad tile: stop, or skip and report it")

@@ -13,7 +13,7 @@ from ..wsi.embed import embed_slides, find_slides
 from ..wsi.grid import MIN_TISSUE, TARGET_MPP
 from ..wsi.reader import READERS
 from ..wsi.shard import resolve_shard
-from . import add_weights_arguments
+from . import add_weights_arguments, batch_size_help
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--slide-pool", default=None, choices=("mean",), help="also store the mean of the tile features")
     run_group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1... (default: auto; LOCAL_RANK under torchrun)")
     run_group.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-    run_group.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 8 on CPU")
+    run_group.add_argument("--batch-size", type=int, default=None, help=batch_size_help())
     run_group.add_argument("--num-workers", default="auto", help="tile-reading worker processes (default: auto)")
     run_group.add_argument("--on-error", default="raise", choices=("raise", "skip"),
                            help="on an unreadable tile: fail that slide (the others go on), or skip the tile")

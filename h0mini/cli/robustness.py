@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import EvaluationInputError
 from ..writers import check_writable
+from . import batch_size_help
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--examples", type=int, default=2, metavar="N", help="tiles shown with their variants (default: 2)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1... (default: auto)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="forward-pass precision (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
+    parser.add_argument("--batch-size", type=int, default=None, help=batch_size_help())
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)")
     group = parser.add_argument_group("weights")
     group.add_argument("--revision", default=None, help="branch, tag or commit of the Hub repo(s)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -130,6 +131,21 @@ def _expand(path: Path) -> List[Path]:
 # The report
 
 
+def _warn_if_retrieval_is_trivial(ks: Sequence[int], n: int) -> None:
+    """Top-k among 2n - 1 candidates: with few tiles, a random embedding already scores about k / (2n - 1)."""
+    pool = 2 * n - 1
+    trivial = [k for k in ks if k / pool >= 0.5]
+    if trivial:
+        k = max(trivial)
+        warnings.warn(
+            f"top-{k} retrieval among {pool} candidates ({n} tiles): a random embedding would score about "
+            f"{k / pool:.2f}, so values near 1.0 hold by construction and say nothing about robustness; "
+            f"use at least {k + 1} tiles for top-{k}, and a few dozen for numbers that mean something",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _resolve_perturbations(
     perturbations: Union[None, Sequence[str], Mapping[str, Sequence[float]]]
 ) -> List[Tuple[Perturbation, Tuple[float, ...]]]:
@@ -219,6 +235,7 @@ def robustness_report(
         raise EvaluationInputError(
             f"top-{max(ks)} accuracy needs at least {(max(ks) + 2) // 2} tiles, got {n}; add tiles or pass ks=(1, 3)"
         )
+    _warn_if_retrieval_is_trivial(ks, n)
     chosen = _resolve_perturbations(perturbations)
     out = Path(output_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)

@@ -19,13 +19,9 @@ import numpy as np
 from PIL import Image
 
 from ..errors import OptionalDependencyError, SlideError
-from ..tiles import to_rgb
+from ..tiles import SLIDE_SUFFIXES, to_rgb
 
 READERS = ("auto", "openslide", "tiffslide")
-# File types OpenSlide or tiffslide open as slides; plain .tif/.tiff count when they are pyramids or tiled.
-SLIDE_SUFFIXES = frozenset(
-    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi", ".dcm", ".qptiff"}
-)
 _INCH_CM = {"inch": 25400.0, "centimeter": 10000.0, "cm": 10000.0, "millimeter": 1000.0}
 _API = ("level_count", "level_dimensions", "level_downsamples", "properties", "read_region")
 
