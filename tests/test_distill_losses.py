@@ -204,3 +204,30 @@ def test_parameter_groups_follow_dinov2():
         assert by_name[name]["wd_scale"] == 0.0, name
     assert by_name["dino_head.last_layer.weight_v"]["last_layer"] and by_name["dino_head.last_layer.weight_g"]["last_layer"]
     assert not by_name["dino_head.mlp.0.weight"]["last_layer"]
+
+
+def test_target_standardizer_whitens_each_dimension_with_running_statistics():
+    from h0mini.distill.losses import TargetStandardizer
+
+    torch.manual_seed(0)
+    norm = TargetStandardizer(3, momentum=0.5)
+    scale, shift = torch.tensor([100.0, 1.0, 0.1]), torch.tensor([5.0, -2.0, 0.0])
+    first = torch.randn(256, 3) * scale + shift
+    out = norm(first)
+    torch.testing.assert_close(out.mean(0), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.std(0, unbiased=False), torch.ones(3), atol=1e-3, rtol=0)
+    second = norm(torch.randn(4, 8, 3) * scale + shift + 10 * scale)  # patch tokens: (B, N, D)
+    assert second.shape == (4, 8, 3)
+    torch.testing.assert_close(norm.mean, 0.5 * first.mean(0) + 0.5 * (shift + 10 * scale), atol=0.6 * 100, rtol=0.1)
+    assert int(norm.count) == 2
+
+
+def test_short_run_warnings_name_each_failing_setting_and_its_fix():
+    from h0mini.distill.config import load_config, short_run_warnings
+
+    base = ["data.sources=[tiles]", "train.iterations=100", "train.batch_size=8"]
+    warnings = short_run_warnings(load_config(None, base + ["feature.target_norm=none"]))
+    assert [w.split("=")[0].split(" ")[0] for w in warnings] == ["optim.warmup_iters", "peak", "ema.momentum",
+                                                                 "feature.target_norm"]
+    tuned = ["optim.warmup_iters=10", "optim.lr_scaling=none", "optim.base_lr=2e-3", "ema.momentum=0.95"]
+    assert short_run_warnings(load_config(None, base + tuned)) == []

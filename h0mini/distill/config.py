@@ -104,6 +104,7 @@ class FeatureConfig:
     smooth_l1_weight: float = 0.1
     smooth_l1_beta: float = 1.0
     projector_hidden_dim: int = 2048  # 0: a single linear layer
+    target_norm: str = "standardize"  # standardize (teacher features per dimension, running stats) | none
 
 
 @dataclass
@@ -410,6 +411,8 @@ def validate(config: DistillConfig) -> None:
                "feature", "cosine_weight and smooth_l1_weight must be >= 0, not both 0")
         _check(f.smooth_l1_beta > 0, "feature.smooth_l1_beta", "must be > 0")
         _check(f.projector_hidden_dim >= 0, "feature.projector_hidden_dim", "must be >= 0 (0 = linear)")
+        _check(f.target_norm in ("standardize", "none"), "feature.target_norm",
+               f"{f.target_norm!r} is not one of standardize, none")
     k = c.crops
     _check(k.global_size > 0, "crops.global_size", "must be > 0")
     _check(k.n_local >= 0, "crops.n_local", "must be >= 0")
@@ -458,6 +461,33 @@ def validate_world(config: DistillConfig, world_size: int) -> int:
     if config.objective.dinov2 > 0 and config.dinov2.koleo_weight > 0:
         _check(local >= 2, "train.batch_size", f"KoLeo needs >= 2 tiles per rank, got {local}")
     return local
+
+
+def short_run_warnings(config: DistillConfig) -> List[str]:
+    """Settings made for 100k-step runs that leave a short run near its initialisation, each with its fix.
+
+    Measured with an EfficientNet-Lite0 teacher on a few hundred tiles
+    (``benchmarks/distill_proof.py``): a warm-up longer than the run keeps the lr
+    ramping to its end, DINOv2's sqrt(batch / 1024) rule gives a small batch a tiny
+    lr, a slow EMA exports weights still close to the random init, and raw teacher
+    targets are met by predicting their mean.
+    """
+    c, warnings = config, []
+    n = c.train.iterations
+    if c.optim.warmup_iters >= n:
+        warnings.append(f"optim.warmup_iters={c.optim.warmup_iters} >= train.iterations={n}: the lr ramps up for "
+                        f"the whole run; set optim.warmup_iters to about {max(1, n // 10)}")
+    if c.lr() < 1e-3 and n <= 5000:
+        warnings.append(f"peak lr {c.lr():.2g} ({c.optim.lr_scaling} at batch {c.train.batch_size}) is small for "
+                        f"{n} steps; set optim.lr_scaling=none and optim.base_lr=1e-3 or more")
+    window = 1.0 / max(1e-9, 1.0 - c.ema.momentum)
+    if n < 5 * window:
+        warnings.append(f"ema.momentum={c.ema.momentum} averages over ~{window:.0f} steps, too slow for {n}: the "
+                        f"exported EMA stays near the random init; set ema.momentum to about {1 - 5 / n:.3g} or lower")
+    if c.objective.feature > 0 and c.feature.target_norm == "none":
+        warnings.append("feature.target_norm=none: raw teacher features are met mostly by predicting their mean; "
+                        "use feature.target_norm=standardize")
+    return warnings
 
 
 def validate_patch_size(config: DistillConfig, patch: int, who: str, local_crops: bool = True) -> None:

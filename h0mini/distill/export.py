@@ -111,7 +111,8 @@ def model_card(model: torch.nn.Module, config: DistillConfig, *, teacher_dim: in
         objectives.append(
             f"- **feature** (weight {c.objective.feature}): regression of the teacher's CLS (x{f.cls_weight}) and "
             f"patch tokens (x{f.patch_weight}) through a learned projector (dropped at export), "
-            f"{f.cosine_weight} x cosine + {f.smooth_l1_weight} x smooth-L1.")
+            f"{f.cosine_weight} x cosine + {f.smooth_l1_weight} x smooth-L1; teacher targets "
+            + ("standardised per dimension (running statistics)." if f.target_norm == "standardize" else "raw."))
     k, a, o = c.crops, c.augment, c.optim
     recipe = "\n".join(objectives) + f"""
 - Crops: 2 global {k.global_size} px (scale {list(k.global_scale)}), {k.n_local} local {k.local_size} px

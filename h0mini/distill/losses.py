@@ -85,6 +85,36 @@ class Centering(nn.Module):
             self.center.mul_(self.momentum).add_(total / count, alpha=1 - self.momentum)
 
 
+class TargetStandardizer(nn.Module):
+    """Per-dimension standardisation of teacher features with running mean/variance (buffers, summed over ranks).
+
+    Raw teacher features are dominated by a shared mean and a few large dimensions:
+    a cosine target of those is met by predicting the mean, and a short run learns
+    little else. Standardised targets weight every dimension's variation alike.
+    The statistics start from the first batch and follow an EMA, so a target does
+    not depend on the other tiles of its batch once training is under way.
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.99, eps: float = 1e-6):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        rows = features.float().reshape(-1, features.shape[-1])
+        n = _all_reduce(torch.tensor([float(rows.shape[0])], device=rows.device))
+        mean = _all_reduce(rows.sum(0)) / n
+        var = _all_reduce(rows.square().sum(0)) / n - mean.square()
+        m = self.momentum if self.count.item() > 0 else 0.0
+        self.mean.mul_(m).add_(mean, alpha=1 - m)
+        self.var.mul_(m).add_(var.clamp_min(0), alpha=1 - m)
+        self.count.add_(1)
+        return (features.float() - self.mean) / (self.var + self.eps).sqrt()
+
+
 def dino_loss(student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[torch.Tensor],
               student_temp: float) -> torch.Tensor:
     """Mean over (student crop, other teacher global crop) pairs of the batch-mean cross-entropy.

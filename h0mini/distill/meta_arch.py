@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import IncompatibleCheckpointError
 from .config import ConfigError, DistillConfig
 from .heads import DINOHead, FeatureProjector, head_state_from_checkpoint
-from .losses import Centering, dino_loss, feature_loss, ibot_loss, koleo_loss, mask_weights, teacher_probs
+from .losses import Centering, TargetStandardizer, dino_loss, feature_loss, ibot_loss, koleo_loss, mask_weights, teacher_probs
 from .teachers import patch_size_attr, prefix_tokens_of, tokens
 
 logger = logging.getLogger(__name__)
@@ -191,6 +191,11 @@ class Distiller(nn.Module):
         self.teacher_dino_head: Optional[DINOHead] = None
         self.teacher_ibot_head: Optional[DINOHead] = None
         self.head_source = "none"
+        self.cls_target_norm: Optional[TargetStandardizer] = None
+        self.patch_target_norm: Optional[TargetStandardizer] = None
+        if config.objective.feature > 0 and config.feature.target_norm == "standardize":
+            self.cls_target_norm = TargetStandardizer(teacher_dim)
+            self.patch_target_norm = TargetStandardizer(teacher_dim)
         if config.objective.dinov2 > 0:
             self._build_teacher_heads(config, teacher_dim)
             use_centering = d.centering == "centering"
@@ -313,11 +318,14 @@ class Distiller(nn.Module):
             f = c.feature
             part = global_crops.new_zeros((), dtype=torch.float32)
             kw = dict(cosine_weight=f.cosine_weight, smooth_l1_weight=f.smooth_l1_weight, beta=f.smooth_l1_beta)
+            cls_target, patch_target = teacher_out.cls, teacher_out.patches
+            if self.cls_target_norm is not None:
+                cls_target, patch_target = self.cls_target_norm(cls_target), self.patch_target_norm(patch_target)
             if f.cls_weight:
-                terms["feature_cls"] = feature_loss(out["cls_pred"], teacher_out.cls, **kw)
+                terms["feature_cls"] = feature_loss(out["cls_pred"], cls_target, **kw)
                 part = part + f.cls_weight * terms["feature_cls"]
             if f.patch_weight:
-                terms["feature_patch"] = feature_loss(out["patch_pred"], teacher_out.patches, **kw)
+                terms["feature_patch"] = feature_loss(out["patch_pred"], patch_target, **kw)
                 part = part + f.patch_weight * terms["feature_patch"]
             total = total + c.objective.feature * part
         return total, {k: float(v.detach()) for k, v in terms.items()}

@@ -68,6 +68,9 @@ def load_weights(model: nn.Module, file: Path, *, arch: str, field: str) -> None
     if classifier and getattr(model, "num_classes", None) == 0:
         prefixes = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))
         state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    for key, value in model.state_dict().items():  # BatchNorm counters: many exports leave them out
+        if key.endswith("num_batches_tracked"):
+            state.setdefault(key, value)
     try:
         load_state_dict_strict(model, state, arch_name=arch, source=str(file))
     except IncompatibleCheckpointError as error:

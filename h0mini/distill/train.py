@@ -29,7 +29,8 @@ from torch import nn
 
 from ..errors import IncompatibleCheckpointError
 from ..version import __version__
-from .config import ConfigError, DistillConfig, save_config, validate, validate_patch_size, validate_world
+from .config import ConfigError, DistillConfig, save_config, short_run_warnings, validate, validate_patch_size, \
+    validate_world
 from .data import build_loader, resolve_sources
 from .meta_arch import Distiller, build_student, count_parameters, patch_size_of, teacher_dtype
 from .teachers import as_token_teacher, build_teacher
@@ -398,6 +399,8 @@ def _train(config: DistillConfig, world: World, teacher_module: Optional[nn.Modu
     if world.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         drop_records_after(out_dir / METRICS_FILE, start_step)
+        for warning in short_run_warnings(c):
+            logger.warning("short run: %s", warning)
         save_config(c, out_dir / CONFIG_FILE)
         logger.info("teacher %s (%d-d, %s params, heads: %s), student %s (%s params, %d-d), %s, %d rank(s) x %d tiles",
                     c.teacher.model if teacher_module is None else type(teacher_module).__name__, teacher_dim,
@@ -557,7 +560,7 @@ def _save_checkpoint(checkpointer: Checkpointer, step: int, distiller: Distiller
             "teacher_heads": {name: head.state_dict() for name, head in
                               (("dino_head", distiller.teacher_dino_head), ("ibot_head", distiller.teacher_ibot_head))
                               if head is not None},
-            "centers": {name: getattr(distiller, name).state_dict() for name in ("dino_center", "ibot_center")
+            "centers": {name: getattr(distiller, name).state_dict() for name in STATEFUL_LOSS_PARTS
                         if getattr(distiller, name, None) is not None},
             "optimizer": optimizer.state_dict(),
             "rng": states,
@@ -571,6 +574,8 @@ def _save_checkpoint(checkpointer: Checkpointer, step: int, distiller: Distiller
     _barrier(world)
 
 
+# Loss modules with running state (buffers) that a resumed run must continue from.
+STATEFUL_LOSS_PARTS = ("dino_center", "ibot_center", "cls_target_norm", "patch_target_norm")
 CHECKPOINT_KEYS = ("step", "trainable", "ema", "optimizer", "rng", "config")
 
 
