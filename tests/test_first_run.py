@@ -203,3 +203,15 @@ def test_top_k_retrieval_with_too_few_tiles_warns_that_it_is_trivial(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         robustness_report(tiles, {"m": embed}, tmp_path / "r2", perturbations={"blur": (1.0,)}, ks=(1, 3), n_examples=0)
+
+
+def test_a_robustness_report_on_demo_weights_says_so_in_its_tables(tmp_path, capsys):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("matplotlib")
+    folder = write_demo_weights(tmp_path / "demo", arch="h0mini_test")
+    out = tmp_path / "report"
+    with pytest.warns(UserWarning):
+        assert main(["robustness", *map(str, EXAMPLE_TILES), "-o", str(out), "--weights", str(folder),
+                     "--perturbations", "blur", "--examples", "0", "--top-k", "1,3"]) == 0
+    assert set(pd.read_csv(out / "metrics.csv")["model"]) == {f"demo ({DEMO_WEIGHTS_LABEL})"}
+    assert DEMO_WEIGHTS_LABEL in (out / "report.md").read_text()

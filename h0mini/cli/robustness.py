@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             local_files_only=True if args.offline else None,
         )
-        models[label] = _embed_fn(model, args)
+        warning = model.h0mini_weights.warning  # demo weights: the report's tables say so too
+        models[f"{label} ({warning})" if warning else label] = _embed_fn(model, args)
     report = robustness_report(
         images,
         models,
