@@ -15,10 +15,7 @@ Publishing is one huggingface_hub call (not made here: it needs your token and i
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -29,6 +26,7 @@ from ..card import render_model_card
 from ..constants import CONFIG_NAME, SAFETENSORS_NAME
 from ..model import file_sha256
 from ..version import __version__
+from ..writers import atomic_folder
 from .config import ConfigError, DistillConfig
 from .meta_arch import STUDENT_FIXED_ARGS, count_parameters
 
@@ -56,12 +54,6 @@ def safetensors_bytes(state: Dict[str, torch.Tensor], metadata: Dict[str, str]) 
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text + raw[8 + length:]
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def hub_config(model: torch.nn.Module, config: DistillConfig) -> Dict[str, Any]:
@@ -167,9 +159,7 @@ def export_student(model: torch.nn.Module, folder: Path, config: DistillConfig, 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: the published folder follows the umask like any other
-    try:
+    with atomic_folder(folder) as tmp:
         (tmp / SAFETENSORS_NAME).write_bytes(safetensors_bytes(
             state, {"format": "pt", "producer": f"h0mini.distill {__version__}"}))
         (tmp / CONFIG_NAME).write_text(json.dumps(hub_config(model, config), indent=2) + "\n")
@@ -178,15 +168,4 @@ def export_student(model: torch.nn.Module, folder: Path, config: DistillConfig, 
             model, config, teacher_dim=teacher_dim, head_source=head_source, data_summary=data_summary, steps=steps,
             world_size=world_size, final_metrics=final_metrics or {},
             weights_sha256=file_sha256(tmp / SAFETENSORS_NAME)))
-        if folder.exists():
-            old = folder.with_name(folder.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
