@@ -24,6 +24,7 @@ import torch
 import h0mini
 from h0mini import viz
 from h0mini.preprocess import Preprocessing
+from h0mini.wording import command_line_words
 
 EXAMPLE_TILES = sorted((Path(__file__).resolve().parent / "tiles").glob("*.png"))
 
@@ -144,7 +145,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860)")
     args = parser.parse_args(argv)
     try:
-        model = h0mini.load_model(args.weights, local_files_only=True if args.offline else None)
+        with command_line_words():  # messages name --weights and --offline, as the h0mini command's do
+            model = h0mini.load_model(args.weights, local_files_only=True if args.offline else None)
         demo = build_demo(model)
     except h0mini.H0miniError as error:  # the message the h0mini command prints
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)

@@ -329,7 +329,7 @@ def _hub_errors(
                 "pass a local folder: --weights /path/to/H0-mini (or set H0MINI_WEIGHTS=/path/to/H0-mini).",
             )
             + " To try the pipeline without access: "
-            + say("h0mini.demo_weights('DIR').", "h0mini demo-weights DIR."),
+            + say("h0mini.testing.write_demo_weights('DIR').", "h0mini demo-weights DIR."),
             repo_id=repo_id,
         ) from error
     except hf_errors.EntryNotFoundError as error:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import h5py
+import numpy as np
 import pytest
+from PIL import Image
 
 import h0mini
 import h0mini.cli
@@ -14,8 +17,9 @@ from h0mini import errors
 from h0mini.cli import main
 from h0mini.constants import DEMO_WEIGHTS_LABEL, NUM_PARAMS
 from h0mini.testing import write_demo_weights
+from h0mini.tiles import SLIDE_SUFFIXES, expand_path
 
-from helpers import EXAMPLE_TILES
+from helpers import EXAMPLE_TILES, SLIDE, make_model, write_checkpoint
 
 REPO = "bioptimus/H0-mini"
 
@@ -53,6 +57,7 @@ def test_offline_without_weights_speaks_python_to_python_callers():
         h0mini.load_model(REPO, local_files_only=True)
     message = str(info.value)
     assert "local_files_only=True was passed" in message and "load_model('/path/to/H0-mini')" in message
+    assert "h0mini.testing.write_demo_weights('DIR')" in message
     assert "--weights" not in message and "--offline" not in message
 
 
@@ -87,13 +92,14 @@ def test_output_options_default_when_not_given():
 
 # --- odd inputs ----------------------------------------------------------------------------------
 
-import shutil  # noqa: E402
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from helpers import SLIDE, make_model, write_checkpoint  # noqa: E402
-from h0mini.tiles import SLIDE_SUFFIXES, expand_path  # noqa: E402
+def cli_embed_error(tile, tmp_path, capsys) -> str:
+    """``h0mini embed TILE`` on a tiny checkpoint, expected to fail: its stderr."""
+    weights = tmp_path / "w"
+    write_checkpoint(weights)
+    assert main(["embed", str(tile), "-o", str(tmp_path / "x.h5"), "--weights", str(weights)]) == 1
+    return capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +125,7 @@ def test_a_slide_in_a_tile_folder_is_skipped_by_name(tmp_path):
 def test_a_slide_passed_as_a_tile_is_refused_with_the_slide_command(tmp_path, tiny, capsys):
     with pytest.raises(errors.InvalidTileError, match=r"whole-slide file.*h0mini.embed_slides\(\)"):
         h0mini.embed_tiles([str(SLIDE)], model=tiny)
-    weights = tmp_path / "w"
-    write_checkpoint(weights)
-    assert main(["embed", str(SLIDE), "-o", str(tmp_path / "x.h5"), "--weights", str(weights)]) == 1
-    err = capsys.readouterr().err
+    err = cli_embed_error(SLIDE, tmp_path, capsys)
     assert "CMU-1-Small-Region.svs" in err and "h0mini embed-slides" in err
     assert not (tmp_path / "x.h5").exists()
 
@@ -168,10 +171,7 @@ def test_an_unreadable_tile_error_says_how_to_skip_it(tmp_path, tiny, capsys):
     bad.write_bytes(b"not an image at all")
     with pytest.raises(errors.InvalidTileError, match=r"bad\.png.*on_error=\"skip\""):
         h0mini.embed_tiles([str(bad)], model=tiny)
-    weights = tmp_path / "w"
-    write_checkpoint(weights)
-    assert main(["embed", str(bad), "-o", str(tmp_path / "x.h5"), "--weights", str(weights)]) == 1
-    err = capsys.readouterr().err
+    err = cli_embed_error(bad, tmp_path, capsys)
     assert "--on-error skip" in err and "on_error=" not in err
 
 
