@@ -161,7 +161,7 @@ def expand_path(spec: Union[str, os.PathLike]) -> List[TileRef]:
     text = os.fspath(spec)
     path = Path(text).expanduser()
     if path.is_dir():
-        entries = sorted(p for p in path.iterdir() if p.is_file())
+        entries = sorted(p for p in path.iterdir() if _is_tile_file(str(p)))
         _warn_skipped_slides(text, [str(p) for p in entries if is_slide_only(p)])
         files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
         if not files:
@@ -175,8 +175,8 @@ def expand_path(spec: Union[str, os.PathLike]) -> List[TileRef]:
             raise InvalidTileError(f"a whole-slide file ({path.suffix}), not a tile: {slide_hint()}", source=text)
         return [TileRef(str(path))]
     if any(c in text for c in GLOB_CHARS):
-        matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
-        files = [m for m in matches if os.path.isfile(m)]
+        matches = sorted(set(glob_once(os.path.expanduser(text))))
+        files = [m for m in matches if _is_tile_file(m)]
         _warn_skipped_slides(text, [m for m in files if is_slide_only(m)])
         files = [m for m in files if not is_slide_only(m)]
         if not files:
@@ -190,6 +190,38 @@ def _warn_skipped_slides(spec: str, slides: List[str]) -> None:
         shown = ", ".join(repr(os.path.basename(s)) for s in slides[:5]) + (f" and {len(slides) - 5} more" if len(slides) > 5 else "")
         warnings.warn(f"{spec!r}: skipped {len(slides)} whole-slide file(s), not tiles: {shown}; {slide_hint()}",
                       UserWarning, stacklevel=3)
+
+
+def _is_tile_file(path: str) -> bool:
+    """A file, or a broken symbolic link: listed so that it is reported as a bad tile, not dropped."""
+    return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
+
+
+def glob_once(pattern: str) -> List[str]:
+    """``glob.glob(pattern, recursive=True)``, following symbolic links but entering each folder once.
+
+    ``glob`` follows a link back up the tree (``dir/loop -> dir``) 40 times over, and two such
+    links 2**40 times; here ``**`` walks each real folder once, by its first (sorted) path.
+    """
+    head, marker, tail = pattern.partition("**")
+    if not marker:
+        return glob.glob(pattern)
+    matches: List[str] = []
+    for root in (glob.glob(head) if glob.has_magic(head) else [head]) if head else [os.curdir]:
+        seen = set()
+        for folder, subfolders, names in os.walk(root, followlinks=True):
+            real = os.path.realpath(folder)
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # as glob's ** does
+            if real in seen:
+                subfolders[:] = []
+                continue
+            seen.add(real)
+            prefix = folder if head else os.path.relpath(folder)
+            if tail:
+                matches.extend(glob_once(os.path.join(prefix, tail.lstrip("/" + os.sep))))
+            else:
+                matches.extend(os.path.join(prefix, n) for n in names if not n.startswith("."))
+    return matches
 
 
 def read_list_file(path: Path) -> List[TileRef]:
@@ -232,6 +264,8 @@ def open_image(path: str) -> Image.Image:
     claims a huge or absurdly elongated image costs nothing.
     """
     if not os.path.exists(path):
+        if os.path.islink(path):
+            raise InvalidTileError(f"broken symbolic link (to {os.readlink(path)!r})", source=path)
         raise InvalidTileError("file not found", source=path)
     if os.path.getsize(path) == 0:
         raise InvalidTileError("file is empty", source=path)

@@ -369,3 +369,39 @@ def test_importing_h0mini_in_a_program_leaves_ctrl_c_alone():
     result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)),
                             capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "True", result.stderr
+
+
+# -- inputs: symbolic links ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def looped(tmp_path):
+    """A folder with one tile, two links back up the tree, a linked folder and a broken link."""
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    shutil.copy(EXAMPLE_TILES[0], root / "sub" / "a.png")
+    (root / "sub" / "up").symlink_to("..")
+    (root / "sub" / "here").symlink_to(".")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(EXAMPLE_TILES[1], outside / "b.png")
+    (root / "linked").symlink_to(outside)
+    (root / "gone.png").symlink_to(tmp_path / "deleted.png")
+    return root
+
+
+def test_a_recursive_glob_follows_links_but_enters_each_folder_once(looped):
+    from h0mini.tiles import expand_path
+
+    paths = [ref.path for ref in expand_path(str(looped / "**" / "*.png"))]
+    assert paths == [str(looped / "gone.png"), str(looped / "linked" / "b.png"), str(looped / "sub" / "a.png")]
+
+
+def test_a_broken_link_is_a_skipped_tile_not_a_silent_drop(looped, checkpoint, tmp_path, capsys):
+    out = tmp_path / "f.h5"
+    assert embed(str(looped / "**" / "*.png"), "-o", out, "--weights", checkpoint, "--on-error", "skip") == 0
+    captured = capsys.readouterr()
+    assert "2 embedded" in captured.out and "1 skipped" in captured.out
+    assert "gone.png" in captured.err and "broken symbolic link" in captured.err
+    assert embed(looped, "-o", tmp_path / "g.h5", "--weights", checkpoint) == 1  # the folder form: named, stops
+    assert "gone.png" in capsys.readouterr().err
