@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 
-from .errors import InvalidArgumentError, InvalidTileError
+from .errors import InvalidArgumentError, InvalidTileError, shown
 from .jpeg import JPEG_DECODERS, EncodedJpeg, decode_on_device, read_encoded
 from .model import load_model
 from .onnx_model import OnnxModel
@@ -60,7 +60,7 @@ class SkippedTile:
     reason: str
 
     def __str__(self) -> str:
-        return f"tile {self.index} ({self.source}): {self.reason}"
+        return f"tile {self.index} ({shown(self.source)}): {self.reason}"
 
 
 @dataclass
@@ -258,7 +258,7 @@ class TileEmbedder:
         for number, (indices, pixel_groups, skipped, notes) in enumerate(batches, start=1):
             if notes and not warned_oversize:  # once per run: the first such tile stands for all
                 warned_oversize = True
-                warnings.warn(f"tile {notes[0][0]} ({notes[0][1]}): {notes[0][2]} (shown once per run)",
+                warnings.warn(f"tile {notes[0][0]} ({shown(notes[0][1])}): {notes[0][2]} (shown once per run)",
                               UserWarning, stacklevel=4)
             if number % TRIM_EVERY == 0:
                 release_freed_memory()

@@ -10,6 +10,13 @@ from __future__ import annotations
 from typing import Optional
 
 
+def shown(name: object) -> str:
+    """A file name as printed: as is when plain, else escaped like ``repr``, so that a name holding a
+    newline or a terminal escape code cannot forge a line (``error: ...``) or recolour the terminal."""
+    text = str(name)
+    return text if text.isprintable() else repr(text)
+
+
 class H0miniError(Exception):
     """Base class of all h0mini errors."""
 

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from .embed import TileEmbedder, make_progress
-from .errors import InvalidTileError
+from .errors import InvalidTileError, shown
 from .tiles import LazyTile, TileInput, TileRef, expand_path
 from .version import __version__
 from .writers import (Embeddings, atomic_path, check_format, check_writable, raise_if_disk_full, read_embeddings,
@@ -208,10 +208,10 @@ def _complete_output(path: Path, settings: Dict[str, Any]) -> Dict[str, Dict[str
     try:
         existing = read_embeddings(path)
     except Exception as error:
-        logger.warning("ignoring unreadable existing output %s (%s): it will be rewritten", path, error)
+        logger.warning("ignoring unreadable existing output %s (%s): it will be rewritten", shown(path), error)
         return {}
     if not _same_numbers(existing.provenance, settings):
-        logger.warning("existing %s was made with other settings: it will be replaced", path)
+        logger.warning("existing %s was made with other settings: it will be replaced", shown(path))
         return {}
     name_map = {"features": settings["output"]}
     return {
@@ -244,7 +244,7 @@ class PartStore:
         except ValueError:
             saved = {}
         if not self._written_by_this_run and not _same_numbers(saved, self.settings):
-            logger.warning("%s was made with other settings: starting again", self.folder)
+            logger.warning("%s was made with other settings: starting again", shown(self.folder))
             shutil.rmtree(self.folder)
             return {}
         rows: Dict[str, Dict[str, np.ndarray]] = {}
@@ -254,7 +254,7 @@ class PartStore:
                     names = [str(n) for n in data["tile_names"]]
                     arrays = {k: data[k] for k in data.files if k != "tile_names"}
             except Exception as error:  # cannot happen with atomic writes, but never trust a disk
-                logger.warning("ignoring unreadable part %s (%s)", part, error)
+                logger.warning("ignoring unreadable part %s (%s)", shown(part), error)
                 continue
             for i, name in enumerate(names):
                 rows[name] = {k: v[i] for k, v in arrays.items()}

@@ -405,3 +405,19 @@ def test_a_broken_link_is_a_skipped_tile_not_a_silent_drop(looped, checkpoint, t
     assert "gone.png" in captured.err and "broken symbolic link" in captured.err
     assert embed(looped, "-o", tmp_path / "g.h5", "--weights", checkpoint) == 1  # the folder form: named, stops
     assert "gone.png" in capsys.readouterr().err
+
+
+# -- messages: hostile file names --------------------------------------------------------------------
+
+
+def test_a_file_name_cannot_forge_a_line_or_an_escape_code(checkpoint, tiles, tmp_path, capsys):
+    hostile = tiles / "x\nerror: all tiles corrupt\x1b[2J.png"
+    hostile.write_bytes(b"not an image")
+    out = tmp_path / "f\x1b[31m.h5"
+    assert embed(tiles, "-o", out, "--weights", checkpoint, "--on-error", "skip") == 0
+    captured = capsys.readouterr()
+    assert "\x1b" not in captured.out + captured.err
+    assert [line for line in captured.err.splitlines() if line.startswith("skipped")] == [
+        line for line in captured.err.splitlines() if "all tiles corrupt" in line]
+    assert not any(line.startswith("error:") for line in captured.err.splitlines())
+    assert captured.out.count("\n") == 1 and "7 embedded" in captured.out

@@ -12,6 +12,7 @@ from ..card import render_model_card
 from ..model import load_model
 from ..writers import atomic_path, check_writable
 from . import add_weights_arguments
+from ..errors import shown
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with atomic_path(output) as tmp:
         tmp.write_text(text, encoding="utf-8")
-    print(f"{output}: model card for {model.h0mini_weights.source}")
+    print(f"{shown(output)}: model card for {model.h0mini_weights.source}")
     return 0
 
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..constants import DEMO_WEIGHTS_LABEL, H0_MINI_ARCH
+from ..errors import shown
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +34,6 @@ def run(args: argparse.Namespace) -> int:
     if (args.folder / "model.safetensors").exists() and not args.force:
         args.parser.error(f"{args.folder} already holds model.safetensors; pass --force to overwrite it")
     folder = write_demo_weights(args.folder, arch=args.arch, seed=args.seed)
-    print(f"{folder}: {args.arch} checkpoint with {DEMO_WEIGHTS_LABEL}")
+    print(f"{shown(folder)}: {args.arch} checkpoint with {DEMO_WEIGHTS_LABEL}")
     print(f"next: h0mini embed TILES -o embeddings.h5 --weights {folder}   (or export H0MINI_WEIGHTS={folder})")
     return 0

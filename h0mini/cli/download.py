@@ -7,6 +7,7 @@ import argparse
 from ..constants import H0_MINI_REPO_ID
 from ..hub import download
 from ..model import file_sha256
+from ..errors import shown
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +35,6 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"repo_id:  {checkpoint.repo_id}")
     print(f"revision: {checkpoint.revision}")
-    print(f"weights:  {checkpoint.weights_path}")
+    print(f"weights:  {shown(checkpoint.weights_path)}")
     print(f"sha256:   {file_sha256(checkpoint.weights_path)}")
     return 0

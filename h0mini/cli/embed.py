@@ -13,6 +13,7 @@ from ..job import embed_to_file, gather_tiles
 from ..model import load_model
 from ..writers import FORMATS, check_format, check_writable
 from . import add_weights_arguments, batch_size_help
+from ..errors import shown
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -74,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
         args.parser.error(str(error))
     result = embed_to_file(tiles, output, embedder, on_error=args.on_error, part_size=args.save_every)
     for item in result.skipped:
-        print(f"skipped tile {item['index']} ({item['path']}): {item['reason']}", file=sys.stderr)
+        print(f"skipped tile {item['index']} ({shown(item['path'])}): {item['reason']}", file=sys.stderr)
     reused = f", {result.reused} reused from an earlier run" if result.reused else ""
-    print(f"{output}: {result.embedded + result.reused} tiles ({result.embedded} embedded{reused}, {len(result.skipped)} skipped)")
+    print(f"{shown(output)}: {result.embedded + result.reused} tiles ({result.embedded} embedded{reused}, {len(result.skipped)} skipped)")
     return 0
 
 

@@ -14,6 +14,7 @@ from ..wsi.grid import MIN_TISSUE, TARGET_MPP
 from ..wsi.reader import READERS
 from ..wsi.shard import resolve_shard
 from . import add_weights_arguments, batch_size_help
+from ..errors import shown
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -99,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
     failed = [s for s in statuses if s.status == "failed"]
     for status in statuses:
         detail = f": {status.error}" if status.error else f" ({status.tiles} tiles)"
-        print(f"{status.status:>12}  {status.slide}{detail}", file=sys.stderr if status.error else sys.stdout)
+        print(f"{status.status:>12}  {shown(status.slide)}{detail}", file=sys.stderr if status.error else sys.stdout)
     where = f" [{shard.label}]" if shard.label else ""
-    print(f"{args.output_dir}{where}: {len(statuses) - len(failed)} of {len(statuses)} slides embedded"
+    print(f"{shown(args.output_dir)}{where}: {len(statuses) - len(failed)} of {len(statuses)} slides embedded"
           + (f", {len(failed)} failed (see summary csv)" if failed else ""))
     return 1 if failed else 0

@@ -7,6 +7,7 @@ import argparse
 from ..export import export_onnx
 from ..model import load_model
 from . import add_weights_arguments
+from ..errors import shown
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -43,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
     print(result.fp32.summary("ONNX Runtime fp32"))
     if result.int8 is not None:
         print(result.int8.summary("ONNX Runtime int8 (held-out tiles)"))
-    print(f"{result.folder}: {result.precision} ONNX export")
+    print(f"{shown(result.folder)}: {result.precision} ONNX export")
     return 0

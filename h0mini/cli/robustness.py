@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from ..errors import EvaluationInputError
+from ..errors import EvaluationInputError, shown
 from ..writers import check_writable
 from . import batch_size_help
 
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     columns = ["model", "perturbation", "setting", "cosine_similarity"] + [f"top_{k}_accuracy" for k in ks]
     print(f"strongest setting of each perturbation ({len(images)} tiles):")
     print(summary[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"report: {Path(args.output) / 'report.md'}")
+    print(f"report: {shown(Path(args.output) / 'report.md')}")
     return 0
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..embed import ModelLike, SkippedTilesWarning, TileEmbedder, collect, make_progress
-from ..errors import H0miniError, OutputNotWritableError, SlideError
+from ..errors import H0miniError, OutputNotWritableError, SlideError, shown
 from ..job import embed_to_file, job_settings, _same_numbers
 from ..tiles import GLOB_CHARS, TileInput
 from ..writers import atomic_path, check_writable, read_embeddings
@@ -280,10 +280,10 @@ def _embed_one(path: str, out: Path, embedder: TileEmbedder, settings: Dict[str,
                 on_error=on_error, save_every=save_every, progress=progress, progress_label=stem, **request,
             )
     except (H0miniError, OSError, ValueError) as error:
-        logger.error("%s: %s", path, " ".join(str(error).split()))
+        logger.error("%s: %s", shown(path), " ".join(str(error).split()))
         return SlideStatus(path, "failed", seconds=round(time.perf_counter() - started, 2), error=" ".join(str(error).split()))
     if len(result) == 0:
-        logger.warning("%s: no tile has enough tissue; %s holds no rows (attributes only)", path, target)
+        logger.warning("%s: no tile has enough tissue; %s holds no rows (attributes only)", shown(path), shown(target))
     return SlideStatus(path, "done", len(result), len(result.skipped), round(time.perf_counter() - started, 2),
                        str(target), str(qc_file) if qc else "")
 
