@@ -628,7 +628,10 @@ def _convert(result: Any, dtype: Any, return_tensors: bool) -> Any:
     try:
         numpy_dtype = np.dtype(name)
     except TypeError:
-        raise ValueError(f"numpy has no dtype {name!r}: pass return_tensors=True for torch dtypes like bfloat16") from None
+        numpy_dtype = None
+    # ml_dtypes (imported by onnx) registers a numpy bfloat16 that torch's .numpy() cannot produce.
+    if numpy_dtype is None or numpy_dtype.kind not in "biuf":
+        raise ValueError(f"numpy has no dtype {name!r}: pass return_tensors=True for torch dtypes like bfloat16")
     return result.numpy().astype(numpy_dtype, copy=False)
 
 

@@ -364,6 +364,12 @@ def test_numpy_has_no_bfloat16_and_says_so(tiny, pil_tiles):
     assert h0mini.embed_tiles(pil_tiles[0], tiny, dtype=torch.bfloat16, return_tensors=True).dtype == torch.bfloat16
 
 
+def test_numpy_bfloat16_is_refused_even_where_ml_dtypes_registered_one(tiny, pil_tiles):
+    pytest.importorskip("ml_dtypes")  # onnx imports it, and with it np.dtype("bfloat16") exists
+    with pytest.raises(ValueError, match="return_tensors=True"):
+        h0mini.embed_tiles(pil_tiles[0], tiny, dtype=torch.bfloat16)
+
+
 def test_a_torch_dataset_is_decoded_by_dataloader_workers_in_order(tiny, pil_tiles):
     class Tiles(torch.utils.data.Dataset):
         def __len__(self):
