@@ -19,25 +19,11 @@ from PIL import Image
 import h0mini
 import h0mini.cli.embed
 import h0mini.testing
-from h0mini.cli import main
 from h0mini.errors import GatedModelError, InvalidTileError, OutputNotWritableError
 from h0mini.writers import read_embeddings
 from fake_hub import FakeHub, FakeRepo
-from helpers import EXAMPLE_TILES, ROOT, checkpoint_files, write_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ckpt")
-    write_checkpoint(folder)
-    return folder
-
-
-@pytest.fixture
-def tiles(tmp_path):
-    folder = tmp_path / "tiles"
-    shutil.copytree(EXAMPLE_TILES[0].parent, folder)
-    return folder
+from helpers import EXAMPLE_TILES, ROOT, checkpoint_files
+from test_cli_embed import checkpoint, embed, tiles  # noqa: F401  (shared fixtures)
 
 
 @pytest.fixture
@@ -50,10 +36,6 @@ def hub(checkpoint, point_hub_at):
 
 
 REPO = "test-org/h0mini-tiny"
-
-
-def embed(*args):
-    return main(["embed", *map(str, args)])
 
 
 # -- outputs: fail fast, name the path, leave nothing behind ------------------------------------------
