@@ -6,6 +6,9 @@
 #   there:       run with carry [".whl"] and the command
 #     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
 #       PYTHONPATH=/tmp/site bash benchmarks/gpu.sh 2>&1 | tee $OUT/gpu-results.txt
+# Not run here: benchmarks/onnx_runtime.py. h0mini's ONNX path uses ONNX Runtime's CPU provider only
+# (onnxruntime-gpu and its CUDA execution provider are not installed, nor available on the lent machine),
+# and on a GPU torch fp16 is the fast path; the ONNX export targets CPU-only and non-Python deployments.
 set -euo pipefail
 cd "$(dirname "$0")"
 export PYTHONUNBUFFERED=1
