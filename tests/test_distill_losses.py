@@ -226,8 +226,7 @@ def test_short_run_warnings_name_each_failing_setting_and_its_fix():
     from h0mini.distill.config import load_config, short_run_warnings
 
     base = ["data.sources=[tiles]", "train.iterations=100", "train.batch_size=8"]
-    warnings = short_run_warnings(load_config(None, base + ["feature.target_norm=none"]))
-    assert [w.split("=")[0].split(" ")[0] for w in warnings] == ["optim.warmup_iters", "peak", "ema.momentum",
-                                                                 "feature.target_norm"]
+    warnings = short_run_warnings(load_config(None, base))
+    assert [w.split("=")[0].split(" ")[0] for w in warnings] == ["optim.warmup_iters", "peak", "ema.momentum"]
     tuned = ["optim.warmup_iters=10", "optim.lr_scaling=none", "optim.base_lr=2e-3", "ema.momentum=0.95"]
     assert short_run_warnings(load_config(None, base + tuned)) == []
