@@ -5,7 +5,8 @@
   plism-benchmark's by default (its float16 arithmetic, tile subset and rounding).
 * ``perturb`` and ``report``: a robustness self-check on your own tiles, written as a report
   folder (CSV, Markdown, PNG plots); ``h0mini robustness`` on the command line.
-* ``probe``: eva-style linear probing, kNN and logistic-regression baselines, PathoROB's
+* ``probe`` and ``eva``: linear probing with kaiko's eva protocol (per-dataset settings by eva
+  config name), kNN and logistic-regression baselines, PathoROB's
   robustness index (RI) and de Jong et al.'s ratio.
 
 Everything works on any ``(N, D)`` array, such as ``h0mini.embed_tiles`` or ``h0mini embed``
@@ -15,6 +16,7 @@ imported only by the functions that need them.
 
 from __future__ import annotations
 
+from .eva import EVA_TASKS, EvaTask, eva_task
 from .perturb import PERTURBATIONS, Perturbation, perturb
 from .plism import (
     GROUPS,
@@ -53,6 +55,8 @@ from .probe import (
 from .report import RobustnessReport, load_tiles, robustness_report
 
 __all__ = [
+    "EVA_TASKS",
+    "EvaTask",
     "GROUPS",
     "PERTURBATIONS",
     "PLISM_SCANNERS",
@@ -69,6 +73,7 @@ __all__ = [
     "balanced_accuracy",
     "cosine_similarity",
     "evaluate_slides",
+    "eva_task",
     "de_jong_ratio",
     "find_feature_files",
     "knn_probe",

@@ -1,13 +1,15 @@
 """Linear probing, kNN and logistic-regression baselines, and the robustness index (RI).
 
-The linear probe follows kaiko's eva protocol for frozen embeddings: one ``nn.Linear`` head,
-cross-entropy, AdamW at lr 3e-4 (torch's default weight decay, 0.01), batches of 256 drawn from
-shuffled epochs, validation balanced accuracy checked every ``eval_every`` steps, the best head
-kept, training stopped after ``patience`` steps without improvement, and several seeds whose
-test scores are reported as mean ± std (``ddof=0``) over runs. The defaults are eva's budget for
-patch-level tasks: 12,500 steps and 5 runs, with early stopping after 5% of the run without
-improvement (eva's leaderboard protocol, "5% * max epochs"; 625 steps here). ``QUICK_PROBE``
-(2,000 steps, patience 400) is a named shortcut for smoke tests; its numbers are not eva's.
+The linear probe follows kaiko's eva protocol for frozen embeddings as its current configs set it
+(``h0mini.eval.eva`` has the figures and their sources): eva's ``LinearClassifier`` head
+(non-affine batch norm, then ``nn.Linear``), one logit with ``BCEWithLogitsLoss`` for two
+classes and cross-entropy otherwise, AdamW at lr 3e-4 with torch's weight decay (0.01) and no
+schedule, batches of 256 drawn from shuffled epochs, 12,500 steps, validation balanced accuracy
+checked every 50 steps with the best head kept, and 5 seeds whose test scores are reported as
+mean ± std (``ddof=0``). ``dataset="patch_camelyon"`` (or another eva config name) adds what that
+config sets on top, such as its early-stopping patience; without it no early stopping happens,
+as in most eva configs. ``QUICK_PROBE`` (2,000 steps, patience 400) is a named shortcut for smoke
+tests; its numbers are not eva's.
 
 On CPU the head trains with one intra-op thread for the duration of the call (restored
 afterwards): a linear head on cached embeddings is bound by per-operation overhead, and more
@@ -41,16 +43,20 @@ import torch
 
 from ..errors import EvaluationInputError
 from .common import import_optional, resolve_device
+from .eva import (
+    EVA_BATCH_SIZE,
+    EVA_EVAL_EVERY,
+    EVA_LR,
+    EVA_MAX_STEPS,
+    EVA_RUNS,
+    EVA_WEIGHT_DECAY,
+    EvaTask,
+    eva_task,
+)
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-
-EVA_MAX_STEPS = 12_500
-"""eva's optimiser steps for patch-level linear probes."""
-
-EVA_PATIENCE = EVA_MAX_STEPS // 20
-"""eva's early stopping: 5% of the run without a better validation score."""
 
 QUICK_PROBE = {"max_steps": 2_000, "patience": 400}
 """A short budget for smoke tests (``linear_probe(..., **QUICK_PROBE)``); not eva's numbers."""
@@ -67,6 +73,9 @@ class ProbeResult:
     std: float
     scores: List[float]
     details: Dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.method}: {self.mean:.4f} ± {self.std:.4f} balanced accuracy over {len(self.scores)} run(s)"
 
     def as_row(self) -> Dict[str, Any]:
         return {
@@ -261,6 +270,25 @@ def _single_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _make_head(dim: int, n_classes: int, batch_norm: bool) -> torch.nn.Module:
+    """eva's head: one logit for two classes, else one per class; with ``batch_norm``, eva's
+    ``LinearClassifier`` (non-affine batch norm, weights N(0, 0.01), zero bias), else ``nn.Linear``."""
+    linear = torch.nn.Linear(dim, 1 if n_classes == 2 else n_classes)
+    if not batch_norm:
+        return linear
+    torch.nn.init.normal_(linear.weight, mean=0.0, std=0.01)
+    torch.nn.init.zeros_(linear.bias)
+    return torch.nn.Sequential(torch.nn.BatchNorm1d(dim, affine=False), linear)
+
+
+@dataclass
+class _Run:
+    test: float
+    best_val: float
+    best_step: int
+    steps_run: int
+
+
 def _train_head(
     x: Dict[str, torch.Tensor],
     y: Dict[str, torch.Tensor],
@@ -272,36 +300,47 @@ def _train_head(
     lr: float,
     weight_decay: float,
     eval_every: int,
-    patience: int,
-) -> Tuple[float, float, int]:
-    """Train one head; return (test balanced accuracy, best val balanced accuracy, best step)."""
+    patience: Optional[int],
+    batch_norm: bool,
+) -> _Run:
+    """Train one head; keep the one with the best validation balanced accuracy (ties: the earliest)."""
     generator = torch.Generator().manual_seed(seed)
     torch_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # nn.Linear's initialisation
+    torch.manual_seed(seed)  # the head's initialisation
     try:
-        head = torch.nn.Linear(x["train"].shape[1], n_classes).to(x["train"].device)
+        head = _make_head(x["train"].shape[1], n_classes, batch_norm).to(x["train"].device)
     finally:
         torch.random.set_rng_state(torch_state)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    binary = n_classes == 2
+    loss_fn = torch.nn.BCEWithLogitsLoss() if binary else torch.nn.CrossEntropyLoss()
+    targets = y["train"].float() if binary else y["train"]
     n_train = x["train"].shape[0]
+    # batch norm cannot train on one sample: an epoch's trailing batch of one is left out (it is
+    # drawn again, elsewhere in the order, in the next epoch)
+    epoch_size = n_train - 1 if batch_norm and n_train % batch_size == 1 else n_train
     truth = {split: y[split].cpu().numpy() for split in ("val", "test")}
+
+    def logits(batch: torch.Tensor) -> torch.Tensor:
+        out = head(batch)
+        return out[:, 0] if binary else out
 
     def evaluate(split: str) -> float:
         with torch.no_grad():
-            predicted = head(x[split]).argmax(dim=1).cpu().numpy()
-        return balanced_accuracy(truth[split], predicted)
+            out = logits(x[split])
+            predicted = (out > 0).long() if binary else out.argmax(dim=1)
+        return balanced_accuracy(truth[split], predicted.cpu().numpy())
 
     best_score, best_step, best_state = -math.inf, 0, copy.deepcopy(head.state_dict())
     order = torch.randperm(n_train, generator=generator)
-    position = 0
+    position, step = 0, 0
     for step in range(1, max_steps + 1):
-        if position >= n_train:
+        if position >= epoch_size:
             order, position = torch.randperm(n_train, generator=generator), 0
-        batch = order[position : position + batch_size].to(x["train"].device)
+        batch = order[position : min(position + batch_size, epoch_size)].to(x["train"].device)
         position += batch_size
         head.train()
-        loss = loss_fn(head(x["train"][batch]), y["train"][batch])
+        loss = loss_fn(logits(x["train"][batch]), targets[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -310,11 +349,27 @@ def _train_head(
             score = evaluate("val")
             if score > best_score:
                 best_score, best_step, best_state = score, step, copy.deepcopy(head.state_dict())
-            elif step - best_step >= patience:
+            elif patience is not None and step - best_step >= patience:
                 break
     head.load_state_dict(best_state)
     head.eval()
-    return evaluate("test"), best_score, best_step
+    return _Run(evaluate("test"), best_score, best_step, step)
+
+
+def _protocol(
+    dataset: Optional[str], patience: Union[int, None, str], batch_norm: Optional[bool], eval_every: int
+) -> Tuple[Optional[EvaTask], Optional[int], bool]:
+    """The eva task, the patience in steps and the head for these arguments."""
+    task = None if dataset is None else eva_task(dataset)
+    if isinstance(patience, str):
+        if patience != "eva":
+            raise EvaluationInputError(f"patience must be a number of steps, None or 'eva', got {patience!r}")
+        patience = None if task is None or task.patience is None else task.patience * eval_every
+    elif patience is not None and int(patience) < 1:
+        raise EvaluationInputError(f"patience must be >= 1 step (or None: no early stopping), got {patience}")
+    if batch_norm is None:
+        batch_norm = True if task is None else task.batch_norm
+    return task, None if patience is None else int(patience), bool(batch_norm)
 
 
 def linear_probe(
@@ -323,16 +378,18 @@ def linear_probe(
     *,
     split: Optional[ArrayLike] = None,
     groups: Optional[ArrayLike] = None,
-    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    dataset: Optional[str] = None,
+    seeds: Sequence[int] = tuple(range(EVA_RUNS)),
     max_steps: int = EVA_MAX_STEPS,
-    batch_size: int = 256,
-    lr: float = 3e-4,
-    weight_decay: float = 0.01,
-    eval_every: int = 50,
-    patience: int = EVA_PATIENCE,
+    batch_size: int = EVA_BATCH_SIZE,
+    lr: float = EVA_LR,
+    weight_decay: float = EVA_WEIGHT_DECAY,
+    eval_every: int = EVA_EVAL_EVERY,
+    patience: Union[int, None, str] = "eva",
+    batch_norm: Optional[bool] = None,
     device: Union[str, torch.device, None] = None,
 ) -> ProbeResult:
-    """Train a linear head on frozen embeddings, eva style, over several seeds.
+    """Train a linear head on frozen embeddings with eva's protocol, over several seeds.
 
     Args:
         embeddings: ``(N, D)`` features.
@@ -340,53 +397,86 @@ def linear_probe(
         split: ``N`` values ``"train"``/``"val"``/``"test"``. Default: a 60/20/20 split, stratified by
             label, or by ``groups`` when given.
         groups: ``N`` group ids (slide, patient) kept within one split when the split is made here.
+        dataset: an eva config name (``"bach"``, ``"crc"``, ``"mhist"``, ``"patch_camelyon"``,
+            ``"bracs"``, ``"breakhis"``, ``"gleason_arvaniti"``, ``"unitopatho"``) to apply what that
+            config sets on top of the shared protocol (its patience and head; ``h0mini.eval.eva``).
+            ``None`` (your own data): the shared protocol, no early stopping.
         seeds: one run per seed (initialisation and batch order). Default: 5 runs, as eva.
         max_steps: optimiser steps per run. Default 12,500 (eva); ``QUICK_PROBE`` has a short setting.
-        batch_size, lr, weight_decay: AdamW settings. Defaults: 256, 3e-4, 0.01.
-        eval_every: steps between validation checks.
-        patience: stop after this many steps without a better validation balanced accuracy.
-            Default 625 (eva: 5% of the run).
+        batch_size, lr, weight_decay: AdamW settings. Defaults: eva's 256, 3e-4 and 0.01.
+        eval_every: steps between validation checks. Default 50 (eva).
+        patience: stop after this many steps without a strictly better validation balanced
+            accuracy; ``None`` never stops early; ``"eva"`` (default) takes the dataset's eva
+            patience (validation checks times ``eval_every``), or none without a dataset.
+        batch_norm: eva's ``LinearClassifier`` head (batch norm first) or a plain ``nn.Linear``.
+            Default: as the dataset's config; ``True`` without one.
         device: torch device, or ``"auto"`` (CUDA when available). Default: CPU.
 
     Returns:
-        ``ProbeResult`` with the test balanced accuracy mean and std (``ddof=0``) over seeds, and
-        per-seed best validation scores and steps in ``details``.
+        ``ProbeResult`` with the test balanced accuracy mean and std (``ddof=0``) over seeds
+        (``str()`` prints ``mean ± std``), and in ``details`` the per-seed best validation scores,
+        best and last steps, and the protocol used.
 
     Raises:
-        EvaluationInputError (a ValueError): mismatched lengths, NaN embeddings, an empty split, or bad settings.
+        EvaluationInputError (a ValueError): mismatched lengths, NaN embeddings, an empty split, an
+            unknown dataset or bad settings.
     """
     x_all = _embeddings(embeddings)
     n = len(x_all)
     labels = _vector(labels, n, "labels")
-    for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("eval_every", eval_every), ("patience", patience)):
+    for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("eval_every", eval_every)):
         if int(value) < 1:
             raise EvaluationInputError(f"{name} must be >= 1, got {value}")
     if not seeds:
         raise EvaluationInputError("seeds must name at least one seed")
+    task, patience_steps, batch_norm = _protocol(dataset, patience, batch_norm, int(eval_every))
     classes, codes = encode_labels(labels)
     if len(classes) < 2:
         raise EvaluationInputError(f"labels must have at least 2 classes, got {classes.tolist()}")
     split = _resolve_split(labels, split, groups, need_val=True, seed=int(seeds[0]))
+    if batch_norm and (split == "train").sum() < 2:
+        raise EvaluationInputError("the batch-norm head needs at least 2 training samples; pass batch_norm=False")
     device = resolve_device(device)
     x = {s: torch.from_numpy(x_all[split == s]).to(device) for s in SPLITS}
     y = {s: torch.from_numpy(codes[split == s]).to(device) for s in SPLITS}
-    scores, val_scores, steps = [], [], []
+    runs = []
     for seed in seeds:
         with _single_thread(device):
-            test, val, step = _train_head(
+            run = _train_head(
                 x, y, len(classes), seed=int(seed), max_steps=int(max_steps), batch_size=int(batch_size),
-                lr=lr, weight_decay=weight_decay, eval_every=int(eval_every), patience=int(patience),
+                lr=lr, weight_decay=weight_decay, eval_every=int(eval_every), patience=patience_steps,
+                batch_norm=batch_norm,
             )  # fmt: skip
-        scores.append(test)
-        val_scores.append(val)
-        steps.append(step)
-        logger.info("linear probe seed %s: val %.4f at step %d, test %.4f", seed, val, step, test)
+        runs.append(run)
+        logger.info(
+            "linear probe seed %s: val %.4f at step %d of %d, test %.4f",
+            seed, run.best_val, run.best_step, run.steps_run, run.test,
+        )  # fmt: skip
+    scores = [run.test for run in runs]
+    protocol = {
+        "dataset": None if task is None else task.name,
+        "source": None if task is None else task.source,
+        "max_steps": int(max_steps),
+        "batch_size": int(batch_size),
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "eval_every": int(eval_every),
+        "patience_steps": patience_steps,
+        "batch_norm": batch_norm,
+        "loss": "bce_with_logits" if len(classes) == 2 else "cross_entropy",
+    }
     return ProbeResult(
         "linear",
         float(np.mean(scores)),
         float(np.std(scores)),
         scores,
-        {"val_balanced_accuracy": val_scores, "best_step": steps, "classes": classes.tolist()},
+        {
+            "val_balanced_accuracy": [run.best_val for run in runs],
+            "best_step": [run.best_step for run in runs],
+            "steps_run": [run.steps_run for run in runs],
+            "classes": classes.tolist(),
+            "protocol": protocol,
+        },
     )
 
 
@@ -466,13 +556,15 @@ def run_probes(
     *,
     split: Optional[ArrayLike] = None,
     groups: Optional[ArrayLike] = None,
-    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    dataset: Optional[str] = None,
+    seeds: Sequence[int] = tuple(range(EVA_RUNS)),
     max_steps: int = EVA_MAX_STEPS,
-    patience: int = EVA_PATIENCE,
+    patience: Union[int, None, str] = "eva",
     knn_k: int = 20,
     device: Union[str, torch.device, None] = None,
 ) -> Any:
-    """Linear probe, kNN and logistic regression on one shared split.
+    """Linear probe (``linear_probe``: eva's protocol, ``dataset`` as there), kNN and logistic
+    regression on one shared split.
 
     Returns:
         A pandas DataFrame with columns ``method``, ``balanced_accuracy_mean``,
@@ -483,7 +575,9 @@ def run_probes(
     labels = _vector(labels, len(x), "labels")
     split = _resolve_split(labels, split, groups, need_val=True, seed=int(seeds[0]) if seeds else 0)
     results = [
-        linear_probe(x, labels, split=split, seeds=seeds, max_steps=max_steps, patience=patience, device=device),
+        linear_probe(
+            x, labels, split=split, dataset=dataset, seeds=seeds, max_steps=max_steps, patience=patience, device=device
+        ),
         knn_probe(x, labels, split=split, k=knn_k),
         logistic_probe(x, labels, split=split),
     ]
@@ -647,8 +741,6 @@ def de_jong_ratio(
 
 
 __all__ = [
-    "EVA_MAX_STEPS",
-    "EVA_PATIENCE",
     "QUICK_PROBE",
     "ProbeResult",
     "de_jong_ratio",
