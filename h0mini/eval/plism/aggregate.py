@@ -148,6 +148,14 @@ def leaderboard_score(pairs: Any, *, k: int = 10, decimals: Optional[int] = LEAD
 def leaderboard_results(pairs: Any, *, k: int = 10) -> Dict[str, float]:
     """The leaderboard row of plism-benchmark's README for these pairs, ready to paste into a PR.
 
+    Upstream builds its leaderboard with ``plismbench.utils.metrics.get_leaderboard_results(
+    metrics_root_dir)`` (README and ``notebooks/visualization.ipynb`` at 348704e6): a DataFrame
+    with one row per extractor folder, printed with ``to_markdown(floatfmt=".3f")``. That
+    function's code is not in the stored versions of plism-benchmark, so the keys here are the
+    column names of the README leaderboard table at that commit ("Extractor" and "Rank" left out),
+    and the values follow the README's definition of the metric; neither is checked against the
+    function itself.
+
     Returns:
         ``{"Cosine similarity (all)": ..., "Top-10 accuracy (cross-scanner)": ...,
         "Top-10 accuracy (cross-staining)": ..., "Top-10 accuracy (cross-scanner, cross-staining)":
