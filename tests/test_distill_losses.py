@@ -13,7 +13,8 @@ import torch
 import torch.multiprocessing as mp
 
 from h0mini.distill.heads import DINOHead, head_state_from_checkpoint
-from h0mini.distill.losses import Centering, dino_loss, feature_loss, ibot_loss, koleo_loss, mask_weights, sinkhorn_knopp
+from h0mini.distill.losses import (Centering, dino_loss, feature_loss, ibot_loss, koleo_loss, mask_weights,
+                                  relation_loss, sinkhorn_knopp)
 from h0mini.distill.masking import MaskingGenerator, sample_mask
 from h0mini.distill.schedules import CosineSchedule, WarmupConstant
 from h0mini.distill.meta_arch import head_from_state
@@ -68,6 +69,22 @@ def test_feature_loss_matches_hand_computation():
     l1 = (0.5 + 0.5 + 0.0 + 0.5) / 4
     got = feature_loss(pred, target, cosine_weight=0.9, smooth_l1_weight=0.1, beta=1.0)
     assert got.item() == pytest.approx(0.9 * cos + 0.1 * l1, rel=1e-6)
+
+
+def test_relation_loss_matches_hand_computation_and_ignores_scale_offset_and_rotation():
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])  # centred already
+    teacher = torch.tensor([[2.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]])
+    # cosines off the diagonal: student 0, -1/sqrt2, -1/sqrt2; teacher -1, -1, 1
+    # squared differences 1, (1 - 1/sqrt2)^2, (1 + 1/sqrt2)^2: mean (1 + 2 + 1) / 3
+    assert relation_loss(student, teacher).item() == pytest.approx(4 / 3, rel=1e-6)
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    rows, _ = torch.linalg.qr(torch.randn(32, 8))  # 8 orthonormal columns in 32-d: an isometric embedding
+    same_geometry = 3.0 * x @ rows.T + torch.randn(32)  # wider, scaled, rotated, shifted by a shared mean
+    assert relation_loss(x, same_geometry).item() < 1e-10
+    assert relation_loss(x, torch.randn(16, 32)).item() > 0.01
+    with pytest.raises(ValueError, match="at least 3"):
+        relation_loss(x[:2], same_geometry[:2])
 
 
 def test_sinkhorn_knopp_rows_and_columns():

@@ -104,8 +104,11 @@ def test_student_learns_the_teacher_on_held_out_tiles(assets, capsys):
     with capsys.disabled():
         print(f"\n[distill proof] {len(images)} held-out views: CLS linear CKA {cka0:.3f} -> {cka1:.3f}, "
               f"5-NN agreement {knn0:.3f} -> {knn1:.3f}")
-    assert cka1 > cka0 + 0.1 and cka1 > 0.85
-    assert knn1 > knn0
+    # Measured 0.716 -> 0.859 and 0.355 -> 0.440 (2-core x86 CPU). The default relation term trades
+    # a little CKA (0.922 without it) for neighbourhoods (0.405 without it): bars with margin for
+    # another CPU's rounding over 60 steps.
+    assert cka1 > cka0 + 0.1 and cka1 > 0.8
+    assert knn1 > knn0 + 0.04
 
     card = (out / "export" / "README.md").read_text()
     assert "feature" in card and str(assets["teacher"]) in card and "28 tiles" in card
@@ -114,6 +117,16 @@ def test_student_learns_the_teacher_on_held_out_tiles(assets, capsys):
     assert {"loss_feature_cls", "loss_feature_patch", "lr", "tiles_per_s", "memory_gib", "eta_s"} <= set(records[0])
     assert records[-1]["loss"] < records[0]["loss"]
     assert (out / "config.yaml").read_text().startswith("# Resolved h0mini.distill config")
+
+
+def test_relation_term_trains_the_backbone_cls_and_is_logged(assets):
+    out = assets["root"] / "relation"
+    assert main(_args(assets, out, "feature.relation_weight=1.0", "train.iterations=2", "train.batch_size=4",
+                      "train.log_every=1", "train.checkpoint_every=2")) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_feature_relation"] > 0 for r in records)
+    assert records[0]["loss"] == pytest.approx(
+        records[0]["loss_feature_cls"] + records[0]["loss_feature_patch"] + records[0]["loss_feature_relation"], rel=1e-5)
 
 
 def _state(path: Path):
@@ -240,6 +253,8 @@ def test_teacher_heads_from_a_checkpoint(assets):
     (["objective.dinov2=1", "teacher.missing_heads=error"], "teacher.heads"),
     (["objective.dinov2=1", "dinov2.n_prototypes=64", "teacher.heads=HEADS"], "dinov2.n_prototypes"),
     (["objective.dinov2=1", "train.batch_size=1"], "train.batch_size"),  # KoLeo needs 2 tiles per rank
+    (["feature.relation_weight=1", "train.batch_size=1"], "train.batch_size"),  # compares tiles in a batch
+    (["feature.relation_weight=-1"], "feature.relation_weight"),
 ])
 def test_bad_config_fails_before_training_naming_the_field(assets, extra, field, capsys):
     heads = assets["root"] / "heads64.safetensors"

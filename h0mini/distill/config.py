@@ -105,6 +105,7 @@ class FeatureConfig:
     smooth_l1_beta: float = 1.0
     projector_hidden_dim: int = 2048  # 0: a single linear layer
     target_norm: str = "none"  # none (raw teacher features) | standardize (per dimension, running stats)
+    relation_weight: float = 1.0  # batch similarity matching of the backbone CLS (no projector); 0: off
 
 
 @dataclass
@@ -411,6 +412,7 @@ def validate(config: DistillConfig) -> None:
                "feature", "cosine_weight and smooth_l1_weight must be >= 0, not both 0")
         _check(f.smooth_l1_beta > 0, "feature.smooth_l1_beta", "must be > 0")
         _check(f.projector_hidden_dim >= 0, "feature.projector_hidden_dim", "must be >= 0 (0 = linear)")
+        _check(f.relation_weight >= 0, "feature.relation_weight", "must be >= 0")
         _check(f.target_norm in ("standardize", "none"), "feature.target_norm",
                f"{f.target_norm!r} is not one of standardize, none")
     k = c.crops
@@ -460,6 +462,9 @@ def validate_world(config: DistillConfig, world_size: int) -> int:
     local = config.train.batch_size // world_size
     if config.objective.dinov2 > 0 and config.dinov2.koleo_weight > 0:
         _check(local >= 2, "train.batch_size", f"KoLeo needs >= 2 tiles per rank, got {local}")
+    if config.objective.feature > 0 and config.feature.relation_weight > 0:
+        _check(local >= 2, "train.batch_size",
+               f"feature.relation_weight compares tiles within a batch: it needs >= 2 tiles per rank, got {local}")
     return local
 
 

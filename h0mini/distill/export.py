@@ -104,7 +104,9 @@ def model_card(model: torch.nn.Module, config: DistillConfig, *, teacher_dim: in
             f"- **feature** (weight {c.objective.feature}): regression of the teacher's CLS (x{f.cls_weight}) and "
             f"patch tokens (x{f.patch_weight}) through a learned projector (dropped at export), "
             f"{f.cosine_weight} x cosine + {f.smooth_l1_weight} x smooth-L1; teacher targets "
-            + ("standardised per dimension (running statistics)." if f.target_norm == "standardize" else "raw."))
+            + ("standardised per dimension (running statistics)" if f.target_norm == "standardize" else "raw")
+            + (f"; plus {f.relation_weight} x matching of the teacher's within-batch CLS similarities by the "
+               "backbone's own CLS." if f.relation_weight else "."))
     k, a, o = c.crops, c.augment, c.optim
     recipe = "\n".join(objectives) + f"""
 - Crops: 2 global {k.global_size} px (scale {list(k.global_scale)}), {k.n_local} local {k.local_size} px

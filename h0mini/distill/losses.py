@@ -34,6 +34,31 @@ def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
     return tensor
 
 
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows in rank order; the backward pass hands each rank the summed gradient of its own rows."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, rows.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), rows.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = _all_reduce(grad.contiguous().clone())
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The global batch's rows (equal per-rank counts), differentiable: every rank then computes the same loss.
+
+    DDP averages gradients over ranks, and each rank's rows receive the gradient summed
+    over ranks, so a loss of the gathered batch gets exactly its one-process gradient.
+    """
+    return _GatherRows.apply(rows) if _distributed() else rows
+
+
 @torch.no_grad()
 def sinkhorn_knopp(logits: torch.Tensor, temperature: float, n_iterations: int = 3) -> torch.Tensor:
     """Teacher probabilities (B, K) whose rows sum to 1 and whose prototypes are used equally.
@@ -171,6 +196,26 @@ def feature_loss(prediction: torch.Tensor, target: torch.Tensor, *, cosine_weigh
     if smooth_l1_weight:
         loss = loss + smooth_l1_weight * F.smooth_l1_loss(prediction, target, beta=beta)
     return loss
+
+
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the two batches' centred cosine-similarity matrices (off the diagonal).
+
+    Similarity-preserving distillation (Tung & Mori, ICCV 2019) on the backbone's own
+    features: the projector cannot absorb it, so the student's neighbourhoods, not only
+    a linear code of the teacher, must follow the teacher's. Centring over the batch keeps
+    a large shared mean (post-ReLU features) from making every pair look alike. Pass the
+    global batch (``gather_rows``) so that the loss does not depend on the number of ranks.
+    """
+    n = student.shape[0]
+    if n < 3:
+        raise ValueError(f"relation_loss needs at least 3 samples in the batch, got {n}")
+    grams = []
+    for x in (student.float(), teacher.float()):
+        x = F.normalize(x - x.mean(dim=0, keepdim=True), dim=-1, eps=1e-6)
+        grams.append(x @ x.t())
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=student.device)
+    return (grams[0] - grams[1])[off_diagonal].pow(2).mean()
 
 
 def mask_weights(masks: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,10 @@ Three strategies, from strongest to weakest evidence:
    H-optimus-0's heads).
 2. ``objective.feature`` (the default): regress the teacher's CLS and patch tokens
    directly through a learned projector, cosine + smooth-L1, RADIO-style. It needs
-   no heads and transfers the teacher's geometry itself; the projector is dropped
-   at export.
+   no heads; the projector is dropped at export. A relation term
+   (``feature.relation_weight``) makes the backbone CLS itself match the teacher's
+   within-batch similarities: the projector alone let the student carry a linear
+   code of the teacher without its neighbourhoods (README, distillation proof).
 3. ``objective.dinov2`` without heads, ``teacher.missing_heads: random_frozen``: the
    teacher head is a randomly initialised DINO head, frozen, identical on every
    rank (seeded by ``seed``). Its prototypes are random directions of the
@@ -43,7 +45,8 @@ from torch import nn
 from ..errors import IncompatibleCheckpointError
 from .config import ConfigError, DistillConfig
 from .heads import DINOHead, FeatureProjector, head_state_from_checkpoint
-from .losses import Centering, TargetStandardizer, dino_loss, feature_loss, ibot_loss, koleo_loss, mask_weights, teacher_probs
+from .losses import (Centering, TargetStandardizer, dino_loss, feature_loss, gather_rows, ibot_loss, koleo_loss,
+                     mask_weights, relation_loss, teacher_probs)
 from .teachers import patch_size_attr, prefix_tokens_of, tokens
 
 logger = logging.getLogger(__name__)
@@ -327,6 +330,9 @@ class Distiller(nn.Module):
             if f.patch_weight:
                 terms["feature_patch"] = feature_loss(out["patch_pred"], patch_target, **kw)
                 part = part + f.patch_weight * terms["feature_patch"]
+            if f.relation_weight:
+                terms["feature_relation"] = relation_loss(gather_rows(out["cls_global"]), gather_rows(cls_target))
+                part = part + f.relation_weight * terms["feature_relation"]
             total = total + c.objective.feature * part
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
