@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     crop_cfg = config.crops if args.objective != "feature" else dataclasses.replace(config.crops, n_local=0)
     crops = MultiCrop(crop_cfg, config.augment, config.data.mean, config.data.std)  # as build_loader does
     stream = TileStream(Sources(files=["x"], shards=[]), crops, seed=0, rank=0, world_size=1, local_batch=args.batch,
-                        start_step=0, end_step=1, num_workers=1, shuffle=False,
+                        start_step=0, end_step=1, shuffle=False,
                         mask_grid=(args.global_size // 14,) * 2 if args.objective != "feature" else None)
     tiles = [(torch.randint(0, 255, (3, 224, 224), dtype=torch.uint8), i, i) for i in range(args.batch)]
     data_s = _time(lambda: stream._collate(0, tiles), torch.device("cpu"), max(2, args.steps // 3), 1)
