@@ -155,8 +155,7 @@ def load_model(
         revision=checkpoint.revision,
         warning=_checkpoint_warning(checkpoint),
     )
-    if model.h0mini_weights.warning:  # type: ignore[attr-defined]
-        warnings.warn(f"{source}: {model.h0mini_weights.warning}", UserWarning, stacklevel=2)  # type: ignore[attr-defined]
+    _warn_if_labelled(model.h0mini_weights, stacklevel=3)  # type: ignore[attr-defined]
     logger.info("Loaded %s from %s (revision %s)", arch_name, source, checkpoint.revision or "local")
     return model
 
@@ -175,9 +174,17 @@ def _load_export(source: str, *, arch: Optional[str], device: DeviceLike, dtype:
         weights_path=model.model_path,
         repo_id=origin.get("repo_id"),
         revision=origin.get("revision"),
+        warning=str(origin["warning"]) if origin.get("warning") else None,  # exported from demo weights
     )
+    _warn_if_labelled(model.h0mini_weights, stacklevel=4)  # type: ignore[attr-defined]
     logger.info("Loaded the ONNX export %s (%s, ONNX Runtime)", source, model.precision)
     return model
+
+
+def _warn_if_labelled(weights: WeightsInfo, stacklevel: int) -> None:
+    """Repeat what the weights say of themselves (demo weights: random), pointing at load_model's caller."""
+    if weights.warning:
+        warnings.warn(f"{weights.source}: {weights.warning}", UserWarning, stacklevel=stacklevel)
 
 
 def _checkpoint_warning(checkpoint: Checkpoint) -> Optional[str]:

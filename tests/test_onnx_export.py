@@ -204,3 +204,19 @@ def test_the_mlp_output_projections_are_found_once_per_block(tiny):
     model, folder, _ = tiny
     names = export_module.mlp_output_projections(folder / MODEL_FILE)
     assert len(names) == len(model.blocks)
+
+
+def test_an_export_of_demo_weights_keeps_their_label(tmp_path):
+    from h0mini.checkpoint_io import write_hub_checkpoint
+    from h0mini.constants import DEMO_WEIGHTS_LABEL
+
+    write_hub_checkpoint(tmp_path / "demo", make_model("h0mini_test", 0), "h0mini_test", warning=DEMO_WEIGHTS_LABEL)
+    with pytest.warns(UserWarning, match=DEMO_WEIGHTS_LABEL) as caught:
+        model = h0mini.load_model(tmp_path / "demo")
+    assert caught[0].filename == __file__  # the warning points at the caller
+    export_onnx(model, tmp_path / "export")
+    assert json.loads((tmp_path / "export" / CONFIG_FILE).read_text())["source"]["warning"] == DEMO_WEIGHTS_LABEL
+    with pytest.warns(UserWarning, match=DEMO_WEIGHTS_LABEL) as caught:
+        exported = h0mini.load_model(tmp_path / "export")
+    assert caught[0].filename == __file__
+    assert exported.h0mini_weights.as_dict()["warning"] == DEMO_WEIGHTS_LABEL  # and so every output's provenance
