@@ -17,13 +17,14 @@ a batch. Otherwise nothing is written and the error names the failed bar.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -303,6 +304,33 @@ def mlp_output_projections(path: Path) -> List[str]:
             if n.op_type == "MatMul" and n.input[1] in weights and weights[n.input[1]][0] != width]
 
 
+class _DropPreprocessingHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _ort_root_logging_contained() -> Iterator[None]:
+    """ORT's quantiser logs through the root logger, which configures root logging as a side effect.
+
+    That would make the caller's later log records print in logging's default format, and its
+    "consider pre-processing" hint names an optional step h0mini replaces with its own gate on
+    held-out tiles. Both are kept out; every other record passes as the caller configured.
+    """
+    root = logging.getLogger()
+    placeholder = logging.NullHandler() if not root.handlers else None  # stops logging.basicConfig()
+    hint = _DropPreprocessingHint()
+    if placeholder is not None:
+        root.addHandler(placeholder)
+    root.addFilter(hint)
+    try:
+        yield
+    finally:
+        root.removeFilter(hint)
+        if placeholder is not None:
+            root.removeHandler(placeholder)
+
+
 def quantize_static_qdq(source: Path, target: Path, calibration: np.ndarray, keep_float: str = "none") -> None:
     """ONNX Runtime static QDQ int8: per-channel weights, activation ranges from ``calibration`` (N, 3, H, W).
 
@@ -319,16 +347,17 @@ def quantize_static_qdq(source: Path, target: Path, calibration: np.ndarray, kee
         def get_next(self) -> Optional[Dict[str, np.ndarray]]:
             return next(self.batches, None)
 
-    quantize_static(
-        str(source), str(target), Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul", "Gemm"],
-        nodes_to_exclude=mlp_output_projections(source) if keep_float == "mlp_output" else [],
-        extra_options={"MatMulConstBOnly": True},
-    )
+    with _ort_root_logging_contained():
+        quantize_static(
+            str(source), str(target), Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            nodes_to_exclude=mlp_output_projections(source) if keep_float == "mlp_output" else [],
+            extra_options={"MatMulConstBOnly": True},
+        )
 
 
 class _Features(torch.nn.Module):

@@ -220,3 +220,27 @@ def test_an_export_of_demo_weights_keeps_their_label(tmp_path):
         exported = h0mini.load_model(tmp_path / "export")
     assert caught[0].filename == __file__
     assert exported.h0mini_weights.as_dict()["warning"] == DEMO_WEIGHTS_LABEL  # and so every output's provenance
+
+
+def test_int8_export_leaves_the_callers_logging_alone(tmp_path):
+    """ORT's quantiser logs through the root logger, which would configure it (and print a hint) as a side effect."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    code = ("import logging, sys, tempfile\n"
+            "from helpers import random_model\n"
+            "from h0mini.errors import ExportValidationError\n"
+            "from h0mini.export import export_onnx\n"
+            "with tempfile.TemporaryDirectory() as d:\n"
+            "    try:\n"
+            "        export_onnx(random_model('h0mini_test'), d + '/e', quantize='int8')\n"
+            "    except ExportValidationError:\n"
+            "        pass  # the gate may refuse a tiny random model; quantisation ran either way\n"
+            "print(len(logging.getLogger().handlers))\n")
+    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "0"  # no handler left on the root logger
+    assert "pre-processing" not in result.stderr
