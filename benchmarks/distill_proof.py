@@ -142,12 +142,29 @@ def debiased_cka(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(_unbiased_hsic(k, l) / (_unbiased_hsic(k, k) * _unbiased_hsic(l, l)).sqrt())
 
 
-def knn_agreement(a: torch.Tensor, b: torch.Tensor, k: int = 5) -> float:
+def knn_overlaps(a: torch.Tensor, b: torch.Tensor, k: int = 5) -> np.ndarray:
+    """Per query tile: the share of its k cosine nearest neighbours (itself excluded) that a and b agree on."""
     sa, sb = (F.normalize(x.float(), dim=-1) @ F.normalize(x.float(), dim=-1).T for x in (a, b))
     sa.fill_diagonal_(-2)
     sb.fill_diagonal_(-2)
     ia, ib = sa.topk(k).indices, sb.topk(k).indices
-    return sum(len(set(ia[i].tolist()) & set(ib[i].tolist())) for i in range(len(a))) / (k * len(a))
+    return np.array([len(set(ia[i].tolist()) & set(ib[i].tolist())) / k for i in range(len(a))])
+
+
+def knn_agreement(a: torch.Tensor, b: torch.Tensor, k: int = 5) -> float:
+    return float(knn_overlaps(a, b, k).mean())
+
+
+def paired_bootstrap(diff: np.ndarray, n: int = 10_000, seed: int = 0) -> Tuple[float, float]:
+    """95% interval of the mean paired difference, query tiles resampled with replacement.
+
+    ``diff`` is (tiles,) or (seeds, tiles): with seeds, each draw takes the same tiles in every
+    seed, so a tile's seeds are not counted as independent evidence.
+    """
+    diff = np.atleast_2d(diff)
+    draws = np.random.default_rng(seed).integers(0, diff.shape[1], size=(n, diff.shape[1]))
+    means = diff[:, draws].mean(axis=(0, 2))
+    return tuple(float(q) for q in np.percentile(means, [2.5, 97.5]))
 
 
 def scores(teacher: torch.Tensor, other: torch.Tensor) -> Dict[str, float]:
@@ -233,6 +250,7 @@ def main() -> None:
         teacher = FeatureMapTeacher(build_teacher(base), 32, 1280).eval()
         target = cls_features(teacher, images)
         rows: List[Tuple[str, Dict[str, float]]] = []
+        knn_gains: Dict[str, List[np.ndarray]] = {}
         print(f"\nheld-out agreement with the teacher's pooled embedding ({len(held_tiles)} tiles)")
         print(f"{'method':44s} {'linear CKA':>10s} {'debiased CKA':>12s} {'5-NN':>6s}", flush=True)
 
@@ -264,12 +282,23 @@ def main() -> None:
 
                 ema = h0mini.load_model(result.export_dir)
                 label = f"{name} seed {seed}"
-                add(f"{label}: init", scores(target, cls_features(init, images)))
+                init_features, ema_features = cls_features(init, images), cls_features(ema, images)
+                add(f"{label}: init", scores(target, init_features))
                 add(f"{label}: trained live", scores(target, cls_features(live, images)))
-                add(f"{label}: trained EMA export", scores(target, cls_features(ema, images)))
+                add(f"{label}: trained EMA export", scores(target, ema_features))
+                gained = knn_overlaps(target, ema_features) - knn_overlaps(target, init_features)
+                knn_gains.setdefault(name, []).append(gained)
+                low, high = paired_bootstrap(gained)
+                print(f"{label}: 5-NN agreement, EMA export minus init, 95% interval over held-out tiles "
+                      f"[{low:+.3f}, {high:+.3f}]", flush=True)
                 losses = {k: round(v, 3) for k, v in result.last_metrics.items() if k.startswith("loss")}
                 print(f"{label}: {args.steps} steps in {minutes:.1f} min, final {losses}", flush=True)
 
+    for name, gains in knn_gains.items():
+        if len(gains) > 1:
+            low, high = paired_bootstrap(np.stack(gains))
+            print(f"{name}: 5-NN agreement, EMA export minus init, mean over {len(gains)} seeds "
+                  f"{np.mean(gains):+.3f}, 95% interval (held-out tiles resampled) [{low:+.3f}, {high:+.3f}]")
     by_seed = [(dict(rows)[f"default seed {s}: init"], dict(rows)[f"default seed {s}: trained EMA export"])
                for s in args.seeds if f"default seed {s}: init" in dict(rows)]
     if by_seed:
