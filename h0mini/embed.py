@@ -449,7 +449,7 @@ def _skip_hint() -> str:
 
 def _positive(value: Optional[int], name: str) -> Optional[int]:
     if value is not None and (not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 

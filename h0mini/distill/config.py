@@ -413,6 +413,10 @@ def validate(config: DistillConfig) -> None:
         _check(f.smooth_l1_beta > 0, "feature.smooth_l1_beta", "must be > 0")
         _check(f.projector_hidden_dim >= 0, "feature.projector_hidden_dim", "must be >= 0 (0 = linear)")
         _check(f.relation_weight >= 0, "feature.relation_weight", "must be >= 0")
+        # the batch is gathered over ranks, so the global batch counts: 2 tiles give 4 global crops
+        _check(f.relation_weight == 0 or c.train.batch_size >= 2, "train.batch_size",
+               "feature.relation_weight compares the tiles of a batch with each other: use train.batch_size >= 2 "
+               "or feature.relation_weight=0")
         _check(f.target_norm in ("standardize", "none"), "feature.target_norm",
                f"{f.target_norm!r} is not one of standardize, none")
     k = c.crops
@@ -462,9 +466,6 @@ def validate_world(config: DistillConfig, world_size: int) -> int:
     local = config.train.batch_size // world_size
     if config.objective.dinov2 > 0 and config.dinov2.koleo_weight > 0:
         _check(local >= 2, "train.batch_size", f"KoLeo needs >= 2 tiles per rank, got {local}")
-    if config.objective.feature > 0 and config.feature.relation_weight > 0:
-        _check(local >= 2, "train.batch_size",
-               f"feature.relation_weight compares tiles within a batch: it needs >= 2 tiles per rank, got {local}")
     return local
 
 
