@@ -9,7 +9,8 @@ from ..embed import OUTPUTS
 from ..model import load_model
 from ..runtime import resolve_device
 from ..writers import check_writable
-from ..wsi.embed import embed_slides, find_slides
+from ..wsi.discover import find_slides
+from ..wsi.embed import embed_slides
 from ..wsi.grid import MIN_TISSUE, TARGET_MPP
 from ..wsi.reader import READERS
 from ..wsi.shard import resolve_shard

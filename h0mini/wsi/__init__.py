@@ -4,7 +4,8 @@ Reading slides needs ``pip install "h0mini[wsi]"`` (openslide-python with its bi
 scipy); importing this package does not: readers are imported when a slide is opened.
 """
 
-from .embed import SlideEmbeddings, SlideStatus, embed_slide, embed_slides, find_slides
+from .discover import find_slides
+from .embed import SlideEmbeddings, SlideStatus, embed_slide, embed_slides
 from .grid import SlideRegion, SlideTiles, TilingPlan, plan_tiling, tile_slide
 from .qc import qc_image, save_qc_image
 from .reader import Slide, open_slide

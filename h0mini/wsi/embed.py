@@ -24,13 +24,14 @@ import torch
 from ..embed import ModelLike, SkippedTilesWarning, TileEmbedder, collect, make_progress
 from ..errors import H0miniError, OutputNotWritableError, SlideError, shown
 from ..job import embed_to_file, job_settings, _same_numbers
-from ..tiles import GLOB_CHARS, TileInput
+from ..tiles import TileInput
 from ..writers import atomic_path, check_writable, read_embeddings
 from .grid import MIN_TISSUE, TARGET_MPP, SlideTiles, slide_stem, tile_slide
 from .qc import save_qc_image
-from .reader import SLIDE_SUFFIXES, describe_slide
+from .reader import describe_slide
 from .shard import Shard, resolve_shard
 from .tissue import MaskLike
+from .discover import find_slides
 
 logger = logging.getLogger(__name__)
 
@@ -166,32 +167,6 @@ def slide_request(mpp: Optional[float], target_mpp: float, overlap: int, tissue:
         "tissue": tissue if tissue is None or isinstance(tissue, str) else "mask", "min_tissue": min_tissue,
         "allow_upsampling": allow_upsampling, "slide_pool": slide_pool,
     }
-
-
-def find_slides(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
-    """Slide files from files, folders (their slide files, not recursive) and globs, sorted, each once."""
-    found: List[str] = []
-    for spec in inputs:
-        text = os.fspath(spec)
-        path = Path(text).expanduser()
-        if path.is_dir():
-            files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
-            if not files:
-                raise SlideError(f"the folder holds no slide files ({', '.join(sorted(SLIDE_SUFFIXES))})", slide=text)
-            found.extend(files)
-        elif path.is_file():
-            found.append(str(path))
-        elif any(c in text for c in GLOB_CHARS):
-            import glob
-
-            files = sorted(m for m in glob.glob(os.path.expanduser(text), recursive=True) if os.path.isfile(m))
-            if not files:
-                raise SlideError("the pattern matches no files", slide=text)
-            found.extend(files)
-        else:
-            raise SlideError("no such file, folder or pattern", slide=text)
-    unique = sorted(dict.fromkeys(os.path.abspath(f) for f in found))
-    return unique
 
 
 def embed_slides(
