@@ -307,15 +307,21 @@ class TileEmbedder:
     def _prepared_batches(self, source: Any) -> Iterator[Tuple[np.ndarray, list, List[SkippedTile], list]]:
         workers = self._workers(source)
         prepare = _Prepare(self.preprocessing, encoded_jpegs=self.jpeg_decode == "device")
-        if workers > 0 and source.length is not None:
+        if workers > 0 and (source.length is not None or source.all_paths):
+            # A stream of unknown length (e.g. the tiles of slide after slide) is fed to the same
+            # workers as it is consumed: the sampler hands each worker (index, item) keys, so the
+            # pool lives as long as the stream, not one slide.
+            sized = source.length is not None
             loader = torch.utils.data.DataLoader(
-                _PreparedDataset(source.items, prepare),
+                _PreparedDataset(source.items, prepare) if sized else _KeyedDataset(prepare),
                 batch_size=self.batch_size,
+                sampler=None if sized else _Keys(source.items),
                 num_workers=workers,
                 collate_fn=collate,
                 pin_memory=self.device.type == "cuda",
                 prefetch_factor=2,
                 persistent_workers=False,
+                worker_init_fn=_single_threaded_worker,
             )
             yield from loader
         else:
@@ -329,7 +335,7 @@ class TileEmbedder:
             return max(0, int(self.num_workers))
         if not source.all_paths and not isinstance(source.items, DatasetItems):
             return 0  # in-memory tiles: a thread prepares them without copying them to another process
-        if source.length is None or source.length < 4 * self.batch_size:
+        if source.length is not None and source.length < 4 * self.batch_size:
             return 0  # starting processes costs more than decoding a few tiles in a thread
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return min(8, max(1, cpus - 1)) if self.device.type == "cuda" else 1
@@ -492,6 +498,32 @@ class _PreparedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Tuple[int, Any, Optional[str], str, Optional[str]]:
         return self.prepare(index, self.items[index])
+
+
+class _Keys:
+    """A sampler over a stream: each key is ``(index, item)``, drawn only as workers need more."""
+
+    def __init__(self, items: Iterable[Any]):
+        self.items = items
+
+    def __iter__(self) -> Iterator[Tuple[int, Any]]:
+        return enumerate(self.items)
+
+
+class _KeyedDataset(torch.utils.data.Dataset):
+    """Prepares the ``(index, item)`` keys of a streamed input (see ``_Keys``)."""
+
+    def __init__(self, prepare: _Prepare):
+        self.prepare = prepare
+
+    def __getitem__(self, key: Tuple[int, Any]) -> Tuple[int, Any, Optional[str], str, Optional[str]]:
+        return self.prepare(*key)
+
+
+def _single_threaded_worker(worker_id: int) -> None:
+    """Workers decode one tile at a time: torch's own thread pool there only competes with the model
+    for cores (on 2 cores the default oversubscription ran 2-6x slower than no workers at all)."""
+    torch.set_num_threads(1)
 
 
 def collate(samples: List[Tuple[int, Any, Optional[str], str, Optional[str]]]) -> Tuple[np.ndarray, list, List[SkippedTile], list]:
