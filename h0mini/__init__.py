@@ -28,6 +28,7 @@ from .errors import (
     OptionalDependencyError,
     OutputNotWritableError,
     RevisionNotFoundError,
+    SettingsMismatchError,
     SlideError,
     WeightsNotCachedError,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "OptionalDependencyError",
     "EvaluationInputError",
     "SlideError",
+    "SettingsMismatchError",
     "OutputNotWritableError",
     "ExportValidationError",
 ]

@@ -7,7 +7,8 @@ Each class also derives from the builtin a caller would naturally catch
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+from typing import Any, Dict, List, Optional, Tuple
 
 
 def shown(name: object) -> str:
@@ -150,3 +151,34 @@ class ExportValidationError(H0miniError, ValueError):
 
     def __reduce__(self):
         return (type(self), (self.failed, self.figures))
+
+
+class SettingsMismatchError(H0miniError, ValueError):
+    """Saved work (an output or its parts) was made with other settings than this run's.
+
+    Nothing is deleted: the message names each setting that differs, with both values, and says
+    how to replace the saved work (``overwrite=True``, ``--overwrite``) or keep it (rerun as before).
+    """
+
+    def __init__(self, path: Any, differences: Dict[str, Tuple[Any, Any]]):
+        self.path = path
+        self.differences = differences
+        listed = "; ".join(f"{key}: saved {_short(old)}, now {_short(new)}" for key, (old, new) in differences.items())
+        super().__init__(
+            f"{shown(path)} was made with other settings ({listed}). Nothing was deleted: rerun with the saved "
+            "settings to resume, or pass overwrite=True (--overwrite) to replace it"
+        )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str) if isinstance(value, (dict, list)) else repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+class MissingRowsError(H0miniError, RuntimeError):
+    """Tiles expected in the output are in no saved part (another process removed them?): nothing is written."""
+
+    def __init__(self, path: Any, missing: List[str]):
+        self.missing = missing
+        super().__init__(f"{shown(path)}: {len(missing)} tile(s) are in no saved part (first: {missing[0]!r}); "
+                         "nothing was written. Rerun to embed them")

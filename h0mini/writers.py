@@ -17,7 +17,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +27,44 @@ from .errors import OptionalDependencyError, OutputNotWritableError
 FORMATS = (".h5", ".hdf5", ".npy", ".pt", ".parquet")
 SLIDE_FEATURES = "slide_features"  # the slide-level vector, beside the tile rows
 MULTI_ARRAY_OUTPUTS = ("all",)
+
+
+class RowBlocks:
+    """An array written block by block, never held whole: its shape, and blocks of rows that fill it.
+
+    ``blocks()`` yields ``(positions, values)``: the output rows (int64) and their values. Every
+    row must be covered once. HDF5 and .npy outputs are filled block by block; .pt and .parquet,
+    whose writers need the whole array, build it first.
+    """
+
+    def __init__(self, shape: Tuple[int, ...], dtype: Any, blocks: Callable[[], Iterator[Tuple[np.ndarray, np.ndarray]]]):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def materialize(self) -> np.ndarray:
+        array = np.empty(self.shape, self.dtype)
+        for positions, values in self.blocks():
+            array[positions] = values
+        return array
+
+
+def _whole(array: Any) -> np.ndarray:
+    return array.materialize() if isinstance(array, RowBlocks) else array
+
+
+def _fill(target: Any, array: "RowBlocks") -> None:
+    """Write the blocks of ``array`` into ``target`` (an h5py dataset or a memmap), in runs of rows."""
+    for positions, values in array.blocks():
+        order = np.argsort(positions, kind="stable")
+        positions, values = positions[order], values[order]
+        breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+        for run_positions, run_values in zip(np.split(positions, breaks), np.split(values, breaks)):
+            if len(run_positions):
+                target[int(run_positions[0]):int(run_positions[-1]) + 1] = run_values
 
 
 @dataclass
@@ -163,9 +201,10 @@ def check_writable(path: Path, *, folder: bool = False) -> None:
     directory = path if folder else path.parent
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / ".h0mini-write-check") as probe:
-            probe.write_bytes(b"")
-        (directory / ".h0mini-write-check").unlink()
+        # A name of this process's own: probes of processes sharing the folder never meet.
+        probe = directory / f".h0mini-write-check.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        os.unlink(probe)
     except OSError as error:
         raise OutputNotWritableError(
             f"cannot write the {where} {str(path)!r} ({error.strerror or error}); choose another -o"
@@ -210,6 +249,35 @@ def read_embeddings(path: Path) -> Embeddings:
     return embeddings
 
 
+def read_provenance(path: Path, *, tile_names: bool = False) -> Dict[str, Any]:
+    """An output's provenance without its rows (HDF5 attributes, the .npy sidecar, Parquet's schema);
+    with ``tile_names``, also ``"tile_names"``. .pt files are read whole: torch has no header to read."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".h5", ".hdf5"):
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            provenance = json.loads(f.attrs.get("h0mini_provenance", "{}"))
+            if tile_names:
+                provenance["tile_names"] = [n.decode() if isinstance(n, bytes) else str(n) for n in f["tile_names"][()]]
+        return provenance
+    if suffix == ".npy":
+        meta = json.loads(sidecar(path).read_text())
+        if meta.get("npy_sha256") != _sha256(path):
+            raise ValueError(f"{str(sidecar(path))!r} does not describe {str(path)!r} (an interrupted write?)")
+        return dict(meta["provenance"], **({"tile_names": meta["tile_names"]} if tile_names else {}))
+    if suffix == ".parquet":
+        _, pq = _pyarrow()
+        meta = pq.read_schema(path).metadata or {}
+        provenance = json.loads(meta.get(b"h0mini_provenance", b"{}"))
+        if tile_names:
+            provenance["tile_names"] = pq.read_table(path, columns=["tile_name"]).column("tile_name").to_pylist()
+        return provenance
+    embeddings = read_embeddings(path)
+    return dict(embeddings.provenance, **({"tile_names": embeddings.tile_names} if tile_names else {}))
+
+
 def _sha256(path: Path) -> str:
     from .model import file_sha256
 
@@ -247,7 +315,10 @@ def _write_h5(tmp: Path, embeddings: Embeddings) -> None:
 
     with h5py.File(tmp, "w") as f:
         for name, array in embeddings.arrays.items():
-            f.create_dataset(name, data=array)
+            if isinstance(array, RowBlocks):
+                _fill(f.create_dataset(name, shape=array.shape, dtype=array.dtype), array)
+            else:
+                f.create_dataset(name, data=array)
         f.create_dataset("tile_names", data=np.array(embeddings.tile_names, dtype=object), dtype=h5py.string_dtype())
         if embeddings.coords is not None:
             coords = f.create_dataset("coords", data=embeddings.coords.astype(np.int64))
@@ -291,8 +362,15 @@ def _attr(value: Any) -> Any:
 
 
 def _write_npy(tmp: Path, embeddings: Embeddings) -> None:
+    array = embeddings.arrays["features"]
+    if isinstance(array, RowBlocks):
+        target = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
+        _fill(target, array)
+        target.flush()
+        del target
+        return
     with open(tmp, "wb") as f:
-        np.save(f, embeddings.arrays["features"])
+        np.save(f, array)
 
 
 def _read_npy(path: Path) -> Embeddings:
@@ -308,7 +386,9 @@ def _read_npy(path: Path) -> Embeddings:
 
 
 def _write_pt(tmp: Path, embeddings: Embeddings) -> None:
-    payload: Dict[str, Any] = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in embeddings.arrays.items()}
+    payload: Dict[str, Any] = {
+        name: torch.from_numpy(np.ascontiguousarray(_whole(a))) for name, a in embeddings.arrays.items()
+    }
     payload.update(_metadata(embeddings))
     if embeddings.coords is not None:
         payload["coords"] = torch.from_numpy(embeddings.coords.astype(np.int64))
@@ -345,7 +425,7 @@ def _pyarrow():
 
 def _write_parquet(tmp: Path, embeddings: Embeddings) -> None:
     pa, pq = _pyarrow()
-    features = np.ascontiguousarray(embeddings.arrays["features"])
+    features = np.ascontiguousarray(_whole(embeddings.arrays["features"]))
     columns = {"tile_name": pa.array(embeddings.tile_names, pa.string())}
     if embeddings.coords is not None:
         columns["x"] = pa.array(embeddings.coords[:, 0])

@@ -9,8 +9,8 @@ from ..embed import OUTPUTS
 from ..model import load_model
 from ..runtime import resolve_device
 from ..writers import check_writable
-from ..wsi.discover import find_slides
-from ..wsi.embed import embed_slides
+from ..wsi.claims import CLAIM_TIMEOUT
+from ..wsi.cohort import embed_slides
 from ..wsi.grid import MIN_TISSUE, TARGET_MPP
 from ..wsi.reader import READERS
 from ..wsi.shard import resolve_shard
@@ -33,11 +33,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "examples:\n"
             "  h0mini embed-slides slides/*.svs -o features/\n"
             "  torchrun --nproc-per-node 4 -m h0mini embed-slides slides/ -o features/   # one GPU per process\n"
-            "  sbatch --array=0-9 --wrap 'h0mini embed-slides slides/ -o features/'       # 10 shards"
+            "  sbatch --array=0-9 --wrap 'h0mini embed-slides slides/ -o features/'       # 10 shards\n"
+            "  h0mini embed-slides cohort.csv -o features/     # slide,mpp,mask,name,... per row\n"
+            "any number of processes, on any number of machines, may share one output folder"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files, folders of slides or globs")
+    parser.add_argument("slides", nargs="+", metavar="SLIDE",
+                        help="slide files, folders of slides (a DICOM folder is one slide), globs, or a manifest "
+                             ".csv (columns slide, and optionally mpp, mask, name, anything else)")
     parser.add_argument("-o", "--output-dir", required=True, help="folder for <slide>.h5, qc/ and summary.csv")
     tiling = parser.add_argument_group("tiling")
     tiling.add_argument("--mpp", type=float, default=None,
@@ -62,13 +66,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--compile", action="store_true", help="torch.compile the model (see h0mini embed --help)")
     run_group.add_argument("--save-every", type=int, default=1024, metavar="N", help="save progress every N tiles")
     run_group.add_argument("--shard", default=None, metavar="K/N",
-                           help="embed only shard K of N (0-based); default from torchrun (RANK/WORLD_SIZE) or a "
-                                "SLURM array (SLURM_ARRAY_TASK_ID/COUNT)")
+                           help="embed only shard K of N (0-based). Default: start with this process's share under "
+                                "torchrun, srun or a SLURM array, then help with the rest; claims keep each slide "
+                                "to one process")
+    run_group.add_argument("--overwrite", action="store_true",
+                           help="replace outputs and saved batches made with other settings (default: stop and "
+                                "name the setting that differs)")
+    run_group.add_argument("--claim-timeout", type=float, default=CLAIM_TIMEOUT, metavar="SECONDS",
+                           help="a claim from another machine whose heartbeat is older counts as dead "
+                                f"(default: {CLAIM_TIMEOUT:g})")
     add_weights_arguments(parser)
     parser.set_defaults(run=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    import signal
+
+    from ..wsi.cohort import _check_tiling_arguments
+    from ..wsi.manifest import slide_specs
+
     try:  # every usage error before the model loads
         shard = resolve_shard(args.shard)
         num_workers = args.num_workers if args.num_workers == "auto" else int(args.num_workers)
@@ -76,33 +92,76 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.save_every < 1:
             raise ValueError(f"--save-every must be >= 1, got {args.save_every}")
-        if not 0 <= args.min_tissue <= 1:
-            raise ValueError(f"--min-tissue must be in [0, 1], got {args.min_tissue}")
+        if args.claim_timeout <= 0:
+            raise ValueError(f"--claim-timeout must be > 0 seconds, got {args.claim_timeout}")
+        _check_tiling_arguments(args.mpp, args.target_mpp, args.overlap, args.min_tissue)
         if args.slide_pool and args.output_mode not in ("cls", "mean", "cls+mean"):
             raise ValueError(f"--slide-pool needs --output-mode cls, mean or cls+mean, not {args.output_mode}")
         resolve_device(args.device)
     except ValueError as error:
-        args.parser.error(str(error).splitlines()[0])
-    slides = find_slides(args.slides)  # no slides, bad paths: before the model loads
+        args.parser.error(_flags(str(error).splitlines()[0]))
+    specs = slide_specs(args.slides, mpp=args.mpp)  # bad paths, manifest rows, name clashes: before the model
     from pathlib import Path
 
     check_writable(Path(args.output_dir), folder=True)
+    _show_slides_in_the_log(quiet=args.quiet)
     model = load_model(
         args.weights, revision=args.revision, token=args.token, cache_dir=args.cache_dir,
         local_files_only=True if args.offline else None,
     )
-    statuses = embed_slides(
-        slides, args.output_dir, model, shard=shard, qc=not args.no_qc, mpp=args.mpp, target_mpp=args.target_mpp,
-        overlap=args.overlap, tissue=None if args.tissue == "none" else "otsu", min_tissue=args.min_tissue,
-        reader=args.reader, allow_upsampling=args.allow_upsampling, slide_pool=args.slide_pool,
-        output=args.output_mode, on_error=args.on_error, save_every=args.save_every, device=args.device,
-        precision=args.precision, batch_size=args.batch_size, num_workers=num_workers, compile=args.compile,
-    )
-    failed = [s for s in statuses if s.status == "failed"]
-    for status in statuses:
-        detail = f": {status.error}" if status.error else f" ({status.tiles} tiles)"
-        print(f"{status.status:>12}  {shown(status.slide)}{detail}", file=sys.stderr if status.error else sys.stdout)
-    where = f" [{shard.label}]" if shard.label else ""
-    print(f"{shown(args.output_dir)}{where}: {len(statuses) - len(failed)} of {len(statuses)} slides embedded"
-          + (f", {len(failed)} failed (see summary csv)" if failed else ""))
+    previous = signal.signal(signal.SIGTERM, _terminate)  # a scheduler's SIGTERM saves like Ctrl-C
+    try:
+        statuses = embed_slides(
+            specs, model, output_dir=args.output_dir, shard=shard, qc=not args.no_qc, mpp=args.mpp,
+            target_mpp=args.target_mpp, overlap=args.overlap, tissue=None if args.tissue == "none" else "otsu",
+            min_tissue=args.min_tissue, reader=args.reader, allow_upsampling=args.allow_upsampling,
+            slide_pool=args.slide_pool, output=args.output_mode, on_error=args.on_error, save_every=args.save_every,
+            overwrite=args.overwrite, claim_timeout=args.claim_timeout, device=args.device,
+            precision=args.precision, batch_size=args.batch_size, num_workers=num_workers, compile=args.compile,
+            progress=False if args.quiet else None,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    counts = {s: sum(1 for x in statuses if x.status == s) for s in ("done", "already done", "failed",
+                                                                       "claimed by another process")}
+    failed = counts["failed"]
+    if not (args.quiet and not failed):
+        parts = [f"{counts['done']} done", f"{counts['already done']} already done", f"{failed} failed"]
+        if counts["claimed by another process"]:
+            parts.append(f"{counts['claimed by another process']} claimed by other processes")
+        skipped = sum(s.skipped_tiles for s in statuses)
+        if skipped:
+            parts.append(f"{skipped} tiles skipped (--on-error raise retries them)")
+        where = f" [{shard.label}]" if shard.label else ""
+        summary = shown(str(Path(args.output_dir) / "summary.csv"))
+        print(f"{shown(args.output_dir)}{where}: " + ", ".join(parts) + f" (see {summary})",
+              file=sys.stderr if failed else sys.stdout)
     return 1 if failed else 0
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _flags(message: str) -> str:
+    """Python argument names in a message, as the options of this command."""
+    for word, flag in (("target_mpp", "--target-mpp"), ("min_tissue", "--min-tissue"), ("overlap", "--overlap"),
+                       ("mpp", "--mpp")):
+        if message.startswith(word + " "):
+            return flag + message[len(word):]
+    return message
+
+
+def _show_slides_in_the_log(*, quiet: bool) -> None:
+    """Each slide's line (done, failed, ETA) on stdout as it ends: what a cluster log keeps."""
+    import logging
+
+    log = logging.getLogger("h0mini.wsi.cohort")
+    if quiet:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.INFO)
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False

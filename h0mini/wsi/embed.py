@@ -1,4 +1,4 @@
-"""Whole slides in, tile embeddings and coordinates out: a thin layer over the tile pipeline.
+"""One whole slide in, tile embeddings and coordinates out: a thin layer over the tile pipeline.
 
 ``tile_slide`` says which tiles; ``TileEmbedder`` embeds them exactly as it embeds tile files
 (same preprocessing, batching, workers, precision); ``embed_to_file`` writes them resumably
@@ -7,35 +7,23 @@ through the same writers, with the attributes TRIDENT and CLAM readers expect.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import logging
 import os
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
-import torch
 
-from ..embed import ModelLike, SkippedTilesWarning, TileEmbedder, collect, make_progress
-from ..errors import H0miniError, OutputNotWritableError, SlideError, shown
-from ..job import embed_to_file, job_settings, _same_numbers
+from ..embed import ModelLike, SkippedTilesWarning, TileEmbedder, collect
+from ..job import embed_to_file
 from ..tiles import TileInput
-from ..writers import atomic_path, check_writable, read_embeddings
-from .grid import MIN_TISSUE, TARGET_MPP, SlideTiles, slide_stem, tile_slide
+from ..writers import read_embeddings
+from .grid import MIN_TISSUE, TARGET_MPP, tile_slide
+from .manifest import slide_fingerprint
 from .qc import save_qc_image
 from .reader import describe_slide
-from .shard import Shard, resolve_shard
 from .tissue import MaskLike
-from .discover import find_slides
-
-logger = logging.getLogger(__name__)
-
-SUMMARY_FIELDS = ("slide", "status", "tiles", "skipped_tiles", "seconds", "output", "qc", "error")
 
 
 @dataclass
@@ -52,20 +40,6 @@ class SlideEmbeddings:
 
     def __len__(self) -> int:
         return len(self.coords)
-
-
-@dataclass
-class SlideStatus:
-    """One row of ``embed_slides``' summary."""
-
-    slide: str
-    status: str  # "done", "already done", "failed"
-    tiles: int = 0
-    skipped_tiles: int = 0
-    seconds: float = 0.0
-    output: str = ""
-    qc: str = ""
-    error: str = ""
 
 
 def embed_slide(
@@ -87,6 +61,7 @@ def embed_slide(
     progress: Optional[bool] = None,
     save_every: int = 1024,
     progress_label: Optional[str] = None,
+    overwrite: bool = False,
     **embedder_options: Any,
 ) -> SlideEmbeddings:
     """Embed the tissue tiles of one whole-slide image with H0-mini.
@@ -103,6 +78,8 @@ def embed_slide(
         slide_pool: ``"mean"`` adds the mean of the tile features as ``slide_features``.
         output, on_error, progress: as in ``h0mini.embed_tiles``.
         save_every: with ``output_path``, save progress every so many tiles.
+        overwrite: with ``output_path``, replace saved work made with other settings (else
+            ``SettingsMismatchError`` names what differs).
         **embedder_options: ``batch_size``, ``device``, ``precision``, ``num_workers``, ``compile``
             (as in ``h0mini.embed_tiles``), when ``model`` is not already a ``TileEmbedder``.
 
@@ -137,7 +114,8 @@ def embed_slide(
         embed_to_file(
             tiles.regions(), output_path, embedder, on_error=on_error, part_size=save_every, progress=progress,
             tiling=dict(tiles.settings(), request=request), coords_attrs=tiles.attributes(), slide_pool=slide_pool,
-            progress_label=progress_label,
+            progress_label=progress_label, overwrite=overwrite,
+            slide=slide_fingerprint(os.fspath(slide)) if isinstance(slide, (str, os.PathLike)) else None,
         )
         saved = read_embeddings(Path(output_path))
         features = saved.arrays if embedder.output == "all" else saved.arrays["features"]
@@ -164,133 +142,6 @@ def slide_request(mpp: Optional[float], target_mpp: float, overlap: int, tissue:
     """The caller's tiling arguments, as recorded in an output: a rerun that asks the same skips the slide."""
     return {
         "mpp": mpp, "target_mpp": target_mpp, "overlap": overlap,
-        "tissue": tissue if tissue is None or isinstance(tissue, str) else "mask", "min_tissue": min_tissue,
+        "tissue": tissue if tissue is None or tissue == "otsu" else "mask", "min_tissue": min_tissue,
         "allow_upsampling": allow_upsampling, "slide_pool": slide_pool,
     }
-
-
-def embed_slides(
-    slides: Sequence[Union[str, os.PathLike]],
-    output_dir: Union[str, os.PathLike],
-    model: ModelLike = None,
-    *,
-    shard: Union[str, Shard, None] = None,
-    qc: bool = True,
-    progress: Optional[bool] = None,
-    mpp: Optional[float] = None,
-    target_mpp: float = TARGET_MPP,
-    overlap: int = 0,
-    tissue: Union[str, None] = "otsu",
-    min_tissue: float = MIN_TISSUE,
-    reader: str = "auto",
-    allow_upsampling: bool = False,
-    slide_pool: Optional[str] = None,
-    output: str = "cls+mean",
-    on_error: str = "raise",
-    save_every: int = 1024,
-    device: Union[str, torch.device] = "auto",
-    **embedder_options: Any,
-) -> List[SlideStatus]:
-    """Embed many slides, one ``OUTPUT_DIR/<slide>.h5`` each, resumably and shardably.
-
-    A rerun skips finished slides and resumes a half-done one from its saved batches; a slide that
-    fails is reported (in the returned list and ``summary.csv``) and the others go on. With
-    ``shard`` (``"K/N"``), or under torchrun or a SLURM array, this process takes its share of the
-    slides; under torchrun each process uses the GPU of its ``LOCAL_RANK``.
-
-    Args:
-        slides: slide files, folders of slides, or globs.
-        output_dir: where ``<slide>.h5``, ``qc/<slide>.png`` and ``summary.csv`` go.
-        model: a model from ``load_model()`` or weights to load. Default: H0-mini.
-        shard: ``"K/N"`` (0-based K) or a ``Shard``; default from RANK/WORLD_SIZE or
-            SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else all slides.
-        qc: write the QC picture of each slide.
-        other arguments: as in ``embed_slide`` and ``embed_tiles``.
-
-    Returns:
-        One ``SlideStatus`` per slide of this shard, in order.
-
-    Raises:
-        SlideError: no slides found, or two slides would write the same output name.
-        OutputNotWritableError: ``output_dir`` cannot be written (checked before the model loads).
-    """
-    paths = find_slides(slides)
-    chosen = shard if isinstance(shard, Shard) else resolve_shard(shard)
-    mine = chosen.select(paths)
-    _check_unique_names(paths)
-    out = Path(output_dir)
-    check_writable(out, folder=True)
-    if device == "auto" and chosen.local_rank is not None and torch.cuda.is_available():
-        device = f"cuda:{chosen.local_rank}"
-    embedder = TileEmbedder(model, output=output, device=device, **embedder_options)
-    request = dict(mpp=mpp, target_mpp=target_mpp, overlap=overlap, tissue=tissue, min_tissue=min_tissue,
-                   allow_upsampling=allow_upsampling, slide_pool=slide_pool)
-    settings = job_settings(embedder)
-    summary_path = out / (f"summary.{chosen.label}.csv" if chosen.label else "summary.csv")
-    statuses: List[SlideStatus] = []
-    with make_progress(progress, total=len(mine), unit="slide", desc="slides") as bar:
-        for path in mine:
-            statuses.append(
-                _embed_one(path, out, embedder, settings, request, qc, on_error, save_every, reader, progress)
-            )
-            _write_summary(summary_path, statuses)
-            bar.update(1)
-    return statuses
-
-
-def _embed_one(path: str, out: Path, embedder: TileEmbedder, settings: Dict[str, Any], request: Dict[str, Any],
-               qc: bool, on_error: str, save_every: int, reader: str, progress: Optional[bool]) -> SlideStatus:
-    stem = slide_stem(path)
-    target = out / f"{stem}.h5"
-    qc_file = out / "qc" / f"{stem}.png"
-    started = time.perf_counter()
-    finished = _finished(target, settings, slide_request(**request))
-    if finished is not None:
-        return SlideStatus(path, "already done", finished, output=str(target), qc=str(qc_file) if qc_file.exists() else "")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*no tile has enough tissue.*")
-            result = embed_slide(
-                path, embedder, output_path=target, qc_path=qc_file if qc else None, reader=reader,
-                on_error=on_error, save_every=save_every, progress=progress, progress_label=stem, **request,
-            )
-    except (H0miniError, OSError, ValueError) as error:
-        logger.error("%s: %s", shown(path), " ".join(str(error).split()))
-        return SlideStatus(path, "failed", seconds=round(time.perf_counter() - started, 2), error=" ".join(str(error).split()))
-    if len(result) == 0:
-        logger.warning("%s: no tile has enough tissue; %s holds no rows (attributes only)", shown(path), shown(target))
-    return SlideStatus(path, "done", len(result), len(result.skipped), round(time.perf_counter() - started, 2),
-                       str(target), str(qc_file) if qc else "")
-
-
-def _finished(target: Path, settings: Dict[str, Any], request: Dict[str, Any]) -> Optional[int]:
-    """Tile count of a complete output made with the same settings and tiling request, or None."""
-    if not target.exists():
-        return None
-    try:
-        saved = read_embeddings(target)
-    except Exception:
-        return None
-    recorded = (saved.provenance.get("tiling") or {}).get("request")
-    if recorded != json.loads(json.dumps(request)) or not _same_numbers(saved.provenance, dict(settings, tiling=saved.provenance.get("tiling"))):
-        return None
-    return len(saved)
-
-
-def _check_unique_names(paths: Sequence[str]) -> None:
-    seen: Dict[str, str] = {}
-    for path in paths:
-        stem = slide_stem(path)
-        if stem in seen:
-            raise SlideError(f"has the same name as {seen[stem]!r}: both would write {stem}.h5; rename one", slide=path)
-        seen[stem] = path
-
-
-def _write_summary(path: Path, statuses: List[SlideStatus]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS)
-    writer.writeheader()
-    for status in statuses:
-        writer.writerow({k: getattr(status, k) for k in SUMMARY_FIELDS})
-    with atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue())

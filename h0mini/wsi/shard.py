@@ -1,14 +1,24 @@
-"""Which slides this process embeds: ``--shard K/N``, or filled in from torchrun or a SLURM array.
+"""Which slides this process starts with: ``--shard K/N``, or filled in from torchrun, srun and SLURM arrays.
 
-Slides are sorted by path and dealt round-robin, so every shard of the same input list gets the
-same slides whichever machine it runs on, and N shards together cover each slide exactly once.
+Correctness never rests on shards: every slide is claimed by one process (``claims``). Shards only
+spread the work. Slides are sorted by path and dealt round-robin, so every process of a job
+agrees on the shares whatever machine it runs on.
+
+- ``--shard K/N`` (``origin="argument"``): this process embeds its share and nothing else.
+- From the environment, the launchers compose: a SLURM array task ``a`` of ``A`` running ranks
+  ``r`` of ``R`` (torchrun's RANK/WORLD_SIZE, else srun's SLURM_PROCID/SLURM_NTASKS) is share
+  ``a * R + r`` of ``A * R``. Such a process embeds its own share first, then helps with the
+  others' slides that nobody has claimed, so a sparse array (``--array=1,3,7``), a task that
+  never starts or a slow node leaves no slide behind.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, TypeVar
+from typing import List, Mapping, Optional, Sequence, TypeVar
+
+from ..errors import InvalidArgumentError
 
 T = TypeVar("T")
 
@@ -17,15 +27,25 @@ T = TypeVar("T")
 class Shard:
     index: int  # 0-based
     count: int
-    origin: str  # "argument", "torchrun", "slurm" or "single"
-    local_rank: Optional[int] = None  # torchrun: the GPU of this process
+    origin: str  # "argument", "single", or the launchers it came from: "torchrun", "srun", "slurm-array", ...
+    local_rank: Optional[int] = None  # the GPU of this process on its node (torchrun LOCAL_RANK, SLURM_LOCALID)
 
-    def select(self, slides: Sequence[T]) -> list:
+    def select(self, slides: Sequence[T]) -> List[T]:
+        """This process's own share."""
         return [s for i, s in enumerate(slides) if i % self.count == self.index]
+
+    def order(self, slides: Sequence[T]) -> List[T]:
+        """The slides this process walks: its share, then (unless the share was asked for) the
+        other shares in turn, starting with the next one, so that helpers spread out."""
+        if self.origin == "argument" or self.count == 1:
+            return self.select(slides)
+        shares = [Shard((self.index + k) % self.count, self.count, self.origin).select(slides)
+                  for k in range(self.count)]
+        return [s for share in shares for s in share]
 
     @property
     def label(self) -> str:
-        return "" if self.count == 1 else f"shard-{self.index}-of-{self.count}"
+        return "" if self.count == 1 else f"shard {self.index} of {self.count}"
 
 
 def parse_shard(text: str) -> Shard:
@@ -34,28 +54,45 @@ def parse_shard(text: str) -> Shard:
         index_text, count_text = text.split("/")
         index, count = int(index_text), int(count_text)
     except ValueError:
-        raise ValueError(f"--shard takes K/N (0-based K, e.g. 0/4 for the first of four), got {text!r}") from None
+        raise InvalidArgumentError(
+            f"--shard takes K/N (0-based K, e.g. 0/4 for the first of four), got {text!r}") from None
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"--shard K/N needs N >= 1 and 0 <= K < N, got {text!r}")
+        raise InvalidArgumentError(f"--shard K/N needs N >= 1 and 0 <= K < N, got {text!r}")
     return Shard(index, count, "argument")
 
 
 def resolve_shard(shard: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) -> Shard:
-    """An explicit ``K/N``, else torchrun's RANK/WORLD_SIZE, else a SLURM array, else everything."""
+    """An explicit ``K/N``, else the composition of a SLURM array and torchrun or srun ranks, else all."""
     env = os.environ if environ is None else environ
     if shard:
         return parse_shard(shard)
-    if "WORLD_SIZE" in env and "RANK" in env:
-        local = env.get("LOCAL_RANK")
-        return Shard(int(env["RANK"]), int(env["WORLD_SIZE"]), "torchrun", int(local) if local is not None else None)
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        # Arrays may start at 1 (--array=1-8): count from the array's first task id.
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        index, count = int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
-        if not 0 <= index < count:
-            raise ValueError(
-                f"SLURM_ARRAY_TASK_ID={env['SLURM_ARRAY_TASK_ID']} is outside an array of {count} tasks starting at "
-                f"{first}; pass --shard K/N explicitly"
-            )
-        return Shard(index, count, "slurm")
-    return Shard(0, 1, "single")
+    origins = []
+    rank, ranks, local = 0, 1, None
+    if _int(env, "WORLD_SIZE") and _int(env, "RANK") is not None:
+        rank, ranks, local = _int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK")
+        origins.append("torchrun")
+    elif (_int(env, "SLURM_NTASKS") or 1) > 1 and _int(env, "SLURM_PROCID") is not None:
+        rank, ranks, local = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID")
+        origins.append("srun")
+    task, tasks = 0, 1
+    if _int(env, "SLURM_ARRAY_TASK_ID") is not None and (_int(env, "SLURM_ARRAY_TASK_COUNT") or 0) > 0:
+        tasks = _int(env, "SLURM_ARRAY_TASK_COUNT")
+        first = _int(env, "SLURM_ARRAY_TASK_MIN") or 0
+        step = _int(env, "SLURM_ARRAY_TASK_STEP") or 1
+        # --array=1-8 starts at 1; --array=0-15:4 steps; a sparse list (--array=1,3,7) gives ids past the
+        # count: folded in, harmless since the others' slides are helped with afterwards.
+        task = ((_int(env, "SLURM_ARRAY_TASK_ID") - first) // max(step, 1)) % tasks
+        origins.insert(0, "slurm-array")
+    if not origins:
+        return Shard(0, 1, "single")
+    if not 0 <= rank < ranks:
+        raise InvalidArgumentError(f"rank {rank} is outside {ranks} processes ({'+'.join(origins)}); pass --shard K/N")
+    return Shard(task * ranks + rank, tasks * ranks, "+".join(origins), local)
+
+
+def _int(env: Mapping[str, str], name: str) -> Optional[int]:
+    value = env.get(name)
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None

@@ -1,0 +1,461 @@
+"""``embed_slides``: a cohort of slides through one tile pipeline, any number of processes per folder.
+
+One room over the tile pipeline and the writers:
+
+- a *planner* thread walks this process's slides in order: it claims each one (``claims``), skips
+  it when its output is already complete for these settings, opens and tiles it, and draws its QC
+  picture, one or two slides ahead of the model;
+- the tiles of slide after slide form **one stream** through ``TileEmbedder.iter_batches``, so the
+  same reader workers serve the whole cohort and the model never waits between slides;
+- each batch's rows go to their slide's ``OutputJob`` (unique part files), and a slide whose last
+  tile is in is written (streamed from its parts, atomically), released, and reported in
+  ``summary.csv`` and the log, with an ETA.
+
+Memory stays flat however many slides: a slide's handle, mask and rows are dropped when it is
+written, and outputs are assembled from parts on disk one part at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import queue
+import socket
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..embed import ModelLike, TileEmbedder, make_progress
+from ..errors import H0miniError, InvalidArgumentError, shown
+from ..job import SAME_NUMBERS, OutputJob, SettingsMismatchError, differences, job_settings
+from ..tiles import TileInput
+from ..writers import check_writable, read_provenance, remove_stale_temp
+from .claims import CLAIM_TIMEOUT, Claims
+from .embed import slide_request
+from .grid import MIN_TISSUE, TARGET_MPP, SlideTiles, tile_slide
+from .manifest import SlideSpec, slide_fingerprint, slide_specs
+from .qc import save_qc_image
+from .shard import Shard, resolve_shard
+from .summary import ALREADY_DONE, CLAIMED, DONE, FAILED, SlideStatus, update_summary
+
+logger = logging.getLogger(__name__)
+
+LOOKAHEAD = 2  # slides planned (claimed, tiled, QC drawn) ahead of the one being embedded
+_END = object()
+
+
+def embed_slides(
+    slides: Union[str, os.PathLike, Sequence[Union[str, os.PathLike, SlideSpec]]],
+    model: ModelLike = None,
+    *,
+    output_dir: Union[str, os.PathLike, None] = None,
+    shard: Union[str, Shard, None] = None,
+    qc: bool = True,
+    progress: Optional[bool] = None,
+    mpp: Optional[float] = None,
+    target_mpp: float = TARGET_MPP,
+    overlap: int = 0,
+    tissue: Union[str, None] = "otsu",
+    min_tissue: float = MIN_TISSUE,
+    reader: str = "auto",
+    allow_upsampling: bool = False,
+    slide_pool: Optional[str] = None,
+    output: str = "cls+mean",
+    on_error: str = "raise",
+    save_every: int = 1024,
+    overwrite: bool = False,
+    claim_timeout: float = CLAIM_TIMEOUT,
+    device: Union[str, torch.device] = "auto",
+    **embedder_options: Any,
+) -> List[SlideStatus]:
+    """Embed a cohort of slides, one ``OUTPUT_DIR/<name>.h5`` each: resumable, and safe for any number
+    of processes on any number of machines sharing ``output_dir``.
+
+    Each slide is claimed by exactly one process (``OUTPUT_DIR/.claims``); a dead process's claim is
+    taken over. A rerun skips slides whose output matches the slide (size, mtime, level-0 size) and
+    every setting that changes the numbers, resumes half-done ones from their saved batches, and
+    stops, naming the setting, when saved work was made otherwise (``overwrite=True`` replaces it).
+    A slide that fails is reported and the others go on.
+
+    Args:
+        slides: slide files, folders of slides (a DICOM folder is one slide), globs, ``SlideSpec``s,
+            or a manifest CSV (a ``slide`` column, optional ``mpp``, ``mask``, ``name``; other
+            columns are kept as attributes of the output).
+        model: a model from ``load_model()`` or weights to load. Default: H0-mini.
+        output_dir: where ``<name>.h5``, ``qc/<name>.png`` and ``summary.csv`` go.
+        shard: ``"K/N"`` (0-based K): only that share. Default: the share of this process under
+            torchrun (RANK/WORLD_SIZE), srun (SLURM_PROCID/SLURM_NTASKS) and SLURM arrays, combined,
+            first, then the other shares' slides that nobody has claimed.
+        qc: write the QC picture of each slide.
+        overwrite: replace saved outputs and parts made with other settings.
+        claim_timeout: seconds without a heartbeat after which another host's claim counts as dead.
+        other arguments: as in ``embed_slide`` and ``embed_tiles``.
+
+    Returns:
+        One ``SlideStatus`` per slide this process looked at, in order (``summary.csv`` has every
+        slide of the folder).
+
+    Raises:
+        SlideError: no slides found, a bad manifest row, or two slides with one output name
+            (all listed together, before the model loads).
+        SettingsMismatchError: saved outputs made with other settings (all listed, before any work).
+        OutputNotWritableError: ``output_dir`` cannot be written (checked before the model loads).
+    """
+    if output_dir is None:
+        if isinstance(model, (str, os.PathLike)) and not _looks_like_weights(model):
+            warnings.warn("embed_slides(slides, output_dir, model) is deprecated: use "
+                          "embed_slides(slides, model, output_dir=...)", DeprecationWarning, stacklevel=2)
+            output_dir, model = model, embedder_options.pop("model", None)
+        else:
+            raise InvalidArgumentError("embed_slides needs output_dir=, the folder for the outputs")
+    if on_error not in ("raise", "skip"):
+        raise InvalidArgumentError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if slide_pool not in (None, "mean"):
+        raise InvalidArgumentError(f"slide_pool must be None or 'mean', got {slide_pool!r}")
+    _check_tiling_arguments(mpp, target_mpp, overlap, min_tissue)
+    specs = slide_specs(slides, mpp=mpp)
+    chosen = shard if isinstance(shard, Shard) else resolve_shard(shard)
+    out = Path(output_dir)
+    check_writable(out, folder=True)
+    mine = chosen.order(specs)
+    if device == "auto" and chosen.local_rank is not None and torch.cuda.is_available():
+        device = f"cuda:{chosen.local_rank}"
+    embedder = TileEmbedder(model, output=output, device=device, **embedder_options)
+    if slide_pool and embedder.output not in ("cls", "mean", "cls+mean"):
+        raise InvalidArgumentError(f"slide_pool='mean' needs vector outputs (cls, mean, cls+mean), not {embedder.output!r}")
+    run = _Cohort(out, embedder, job_settings(embedder), chosen, qc=qc, reader=reader, on_error=on_error,
+                  save_every=save_every, overwrite=overwrite, claims=Claims(out, timeout=claim_timeout),
+                  request=dict(target_mpp=target_mpp, overlap=overlap, tissue=tissue, min_tissue=min_tissue,
+                               allow_upsampling=allow_upsampling, slide_pool=slide_pool))
+    if not overwrite:
+        run.refuse_mismatches(mine)
+    return run.run(mine, progress)
+
+
+def _looks_like_weights(value: Any) -> bool:
+    path = Path(os.fspath(value))
+    return path.is_file() or (path.is_dir() and any((path / n).exists() for n in ("config.json", "model.safetensors")))
+
+
+def _check_tiling_arguments(mpp: Optional[float], target_mpp: float, overlap: int, min_tissue: float) -> None:
+    """The run-wide tiling arguments, checked before the model loads (per-slide ones: in the manifest)."""
+    if mpp is not None and not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
+        raise InvalidArgumentError(f"mpp must be a positive number of µm/px, got {mpp!r}")
+    if not (isinstance(target_mpp, (int, float)) and math.isfinite(target_mpp) and target_mpp > 0):
+        raise InvalidArgumentError(f"target_mpp must be a positive number of µm/px, got {target_mpp!r}")
+    if not (isinstance(overlap, int) and overlap >= 0):
+        raise InvalidArgumentError(f"overlap must be a non-negative integer number of pixels, got {overlap!r}")
+    if not 0.0 <= float(min_tissue) <= 1.0:
+        raise InvalidArgumentError(f"min_tissue must be in [0, 1], got {min_tissue!r}")
+
+
+@dataclass(eq=False)
+class _Plan:
+    """One slide on its way through the stream."""
+
+    spec: SlideSpec
+    status: Optional[SlideStatus] = None  # set when the slide needs no embedding (done, claimed, failed)
+    tiles: Optional[SlideTiles] = None
+    job: Optional[OutputJob] = None
+    pending: List[Any] = field(default_factory=list)
+    skipped: List[Dict[str, Any]] = field(default_factory=list)
+    failure: Optional[str] = None
+    qc: str = ""
+    started: float = 0.0
+    start: int = 0  # this slide's positions in the stream: [start, end)
+    end: int = 0
+
+
+class _Cohort:
+    def __init__(self, out: Path, embedder: TileEmbedder, settings: Dict[str, Any], shard: Shard, *, qc: bool,
+                 reader: str, on_error: str, save_every: int, overwrite: bool, claims: Claims,
+                 request: Dict[str, Any]):
+        self.out, self.embedder, self.settings, self.shard = out, embedder, settings, shard
+        self.qc, self.reader, self.on_error, self.save_every = qc, reader, on_error, save_every
+        self.overwrite, self.claims, self.request = overwrite, claims, request
+        self.statuses: List[SlideStatus] = []
+        self._active: Deque[_Plan] = collections.deque()
+        self._stop = threading.Event()
+        self._seconds: List[float] = []
+        self._total = 0
+
+    # -- before any work ---------------------------------------------------------------------
+
+    def output_of(self, spec: SlideSpec) -> Path:
+        return self.out / f"{spec.name}.h5"
+
+    def request_of(self, spec: SlideSpec) -> Dict[str, Any]:
+        request = dict(self.request, mpp=spec.mpp)
+        if spec.mask is not None:
+            request["tissue"] = "mask"
+        return slide_request(**request)
+
+    def expected(self, spec: SlideSpec) -> Dict[str, Any]:
+        """The provenance keys an output of ``spec`` must carry to count as done."""
+        return dict(self.settings, slide=slide_fingerprint(spec.path), request=self.request_of(spec))
+
+    def _saved_differences(self, spec: SlideSpec, saved: Dict[str, Any]) -> Dict[str, Any]:
+        saved = dict(saved, request=(saved.get("tiling") or {}).get("request"))
+        keys = [k for k in SAME_NUMBERS if k != "tiling"] + ["slide", "request"]
+        return differences(saved, self.expected(spec), keys)
+
+    def refuse_mismatches(self, specs: Sequence[SlideSpec]) -> None:
+        """Stop before any work when saved outputs or parts were made otherwise; name every one."""
+        found = []
+        for spec in specs:
+            target = self.output_of(spec)
+            for path, saved in ((target, _provenance(target)), (target.with_name(target.name + ".parts"),
+                                                                 _parts_settings(target))):
+                if saved is None:
+                    continue
+                diff = self._saved_differences(spec, saved)
+                if diff:
+                    found.append((path, diff))
+        if found:
+            if len(found) == 1:
+                raise SettingsMismatchError(*found[0])
+            lines = "\n".join(f"  {shown(path)}: " + "; ".join(f"{k}: saved {v[0]!r}, now {v[1]!r}"
+                                                             for k, v in diff.items()) for path, diff in found[:20])
+            more = f"\n  ... and {len(found) - 20} more" if len(found) > 20 else ""
+            error = SettingsMismatchError(found[0][0], found[0][1])
+            error.args = (f"{len(found)} saved outputs or parts were made with other settings:\n{lines}{more}\n"
+                          "Nothing was deleted: rerun with the saved settings to resume, or pass overwrite=True "
+                          "(--overwrite) to replace them",)
+            raise error
+
+    def done(self, spec: SlideSpec) -> Optional[int]:
+        """The tile count of a complete output of ``spec`` made with these settings, or None."""
+        saved = _provenance(self.output_of(spec))
+        if saved is None or self._saved_differences(spec, saved):
+            return None
+        return int(saved.get("num_tiles", 0))
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def run(self, specs: List[SlideSpec], progress: Optional[bool]) -> List[SlideStatus]:
+        self._total = len(specs)
+        plans: "queue.Queue[Any]" = queue.Queue(maxsize=LOOKAHEAD)
+        planner = threading.Thread(target=self._plan_all, args=(specs, plans), name="h0mini-planner", daemon=True)
+        planner.start()
+        source = TileInput(self._stream(plans), single=False, length=None, all_paths=True)
+        received = 0
+        try:
+            with make_progress(progress, total=len(specs), unit="slide", desc="slides") as bar:
+                for batch in self.embedder.iter_batches(source, on_error="skip"):
+                    positions = [int(i) for i in batch.indices] + [s.index for s in batch.skipped]
+                    self._route(batch)
+                    received = max(received, max(positions) + 1) if positions else received
+                    self._finish_ready(received, bar)
+                self._finish_ready(math.inf, bar)
+        except BaseException:
+            for plan in list(self._active):  # Ctrl-C, SIGTERM, a crash: keep every finished batch
+                if plan.job is not None:
+                    try:
+                        plan.job.flush()
+                    except OSError:
+                        pass
+            raise
+        finally:
+            self._stop.set()
+            planner.join(timeout=10)
+            self.claims.release_all()
+        if not self.statuses:
+            update_summary(self.out, [])  # an empty share still leaves a summary
+        return self.statuses
+
+    def _plan_all(self, specs: List[SlideSpec], plans: "queue.Queue[Any]") -> None:
+        try:
+            for spec in specs:
+                if self._stop.is_set():
+                    return
+                plan = self._plan(spec)
+                while not self._stop.is_set():
+                    try:
+                        plans.put(plan, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        finally:
+            while not self._stop.is_set():
+                try:
+                    plans.put(_END, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    def _plan(self, spec: SlideSpec) -> _Plan:
+        plan = _Plan(spec, started=time.perf_counter())
+        target = self.output_of(spec)
+        try:
+            finished = self.done(spec)
+            if finished is not None:
+                plan.status = self._status(plan, ALREADY_DONE, tiles=finished)
+                return plan
+            owner = self.claims.acquire(spec.name)
+            if owner is not None:
+                plan.status = self._status(plan, CLAIMED, error=f"claimed by {owner.describe()}")
+                return plan
+            finished = self.done(spec)  # finished by another process while we looked
+            if finished is not None:
+                self.claims.release(spec.name)
+                plan.status = self._status(plan, ALREADY_DONE, tiles=finished)
+                return plan
+            plan.tiles = tile_slide(
+                spec.path, mpp=spec.mpp, target_mpp=self.request["target_mpp"],
+                tile_size=self.embedder.preprocessing.size or 224, overlap=self.request["overlap"],
+                tissue=spec.mask if spec.mask is not None else self.request["tissue"],
+                min_tissue=self.request["min_tissue"], reader=self.reader,
+                allow_upsampling=self.request["allow_upsampling"],
+            )
+            tiling = dict(plan.tiles.settings(), request=self.request_of(spec))
+            settings = dict(self.settings, tiling=tiling, slide=slide_fingerprint(spec.path))
+            plan.job = OutputJob(target, settings, self.embedder, overwrite=self.overwrite)
+            saved = plan.job.saved_names()
+            plan.pending = [r for r in plan.tiles.regions() if r.name not in saved]
+            if self.qc:
+                plan.qc = self._draw_qc(plan)
+        except (H0miniError, OSError, ValueError) as error:
+            self.claims.release(spec.name)
+            plan.status = self._status(plan, FAILED, error=" ".join(str(error).split()))
+        return plan
+
+    def _draw_qc(self, plan: _Plan) -> str:
+        path = self.out / "qc" / f"{plan.spec.name}.png"
+        remove_stale_temp(path)
+        save_qc_image(plan.tiles, path)
+        return str(path)
+
+    def _stream(self, plans: "queue.Queue[Any]") -> Iterator[Any]:
+        """The tiles of slide after slide, registering each slide's place in the stream."""
+        position = 0
+        while True:
+            try:
+                plan = plans.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            if plan is _END:
+                return
+            plan.start = position
+            plan.end = position + len(plan.pending)
+            self._active.append(plan)
+            for region in plan.pending:
+                yield region
+            position = plan.end
+
+    def _route(self, batch: Any) -> None:
+        """Hand each row of ``batch`` to its slide's job."""
+        by_plan: Dict[int, List[int]] = {}
+        active = list(self._active)
+        for row, index in enumerate(batch.indices):
+            plan = next(p for p in active if p.start <= index < p.end)
+            by_plan.setdefault(id(plan), []).append(row)
+        for plan in active:
+            rows = by_plan.get(id(plan))
+            if rows and plan.failure is None:
+                names = [plan.pending[int(batch.indices[r]) - plan.start].name for r in rows]
+                take = torch.as_tensor(rows)
+                plan.job.add(names, {k: v[take] for k, v in batch.features.items()}, self.save_every)
+        for bad in batch.skipped:
+            plan = next(p for p in active if p.start <= bad.index < p.end)
+            region = plan.pending[bad.index - plan.start]
+            reason = f"{bad.reason} (tile at x={region.coords[0]}, y={region.coords[1]})"
+            plan.skipped.append({"index": bad.index - plan.start, "path": region.name, "reason": reason})
+            if self.on_error == "raise" and plan.failure is None:
+                plan.failure = f"{region.name}: {reason}; --on-error skip leaves unreadable tiles out"
+
+    def _finish_ready(self, received: float, bar: Any) -> None:
+        while self._active and self._active[0].end <= received:
+            plan = self._active.popleft()
+            status = plan.status or self._write(plan)
+            self.statuses.append(status)
+            update_summary(self.out, [status])
+            self._log(status)
+            bar.update(1)
+
+    def _write(self, plan: _Plan) -> SlideStatus:
+        name = plan.spec.name
+        try:
+            if plan.failure is not None:
+                plan.job.flush()  # what was embedded stays for the rerun
+                return self._status(plan, FAILED, error=plan.failure)
+            if not self.claims.still_mine(name):
+                logger.warning("%s: its claim was taken over (a heartbeat older than the timeout?); writing it "
+                               "anyway, complete or not at all", shown(plan.spec.path))
+            tiles = plan.tiles
+            bad = {s["path"] for s in plan.skipped}
+            keep = np.array([i for i in range(len(tiles)) if tiles[i].name not in bad], dtype=np.int64)
+            plan.job.finish([tiles[int(i)].name for i in keep], tiles.coords[keep], plan.skipped,
+                            coords_attrs=tiles.attributes(), slide_pool=self.request["slide_pool"],
+                            extra_provenance={"attributes": plan.spec.attributes} if plan.spec.attributes else None)
+            if not len(keep):
+                logger.warning("%s: no tile has enough tissue; %s holds no rows (attributes only)",
+                               shown(plan.spec.path), shown(self.output_of(plan.spec)))
+            return self._status(plan, DONE, tiles=len(keep), skipped=len(plan.skipped))
+        except (H0miniError, OSError, ValueError) as error:
+            return self._status(plan, FAILED, error=" ".join(str(error).split()))
+        finally:
+            self.claims.release(name)
+            plan.tiles, plan.pending, plan.job = None, [], None  # nothing of the slide outlives it
+
+    def _status(self, plan: _Plan, status: str, *, tiles: int = 0, skipped: int = 0, error: str = "") -> SlideStatus:
+        seconds = round(time.perf_counter() - plan.started, 2)
+        target = self.output_of(plan.spec)
+        return SlideStatus(
+            plan.spec.path, status, tiles, skipped, seconds, str(target) if status in (DONE, ALREADY_DONE) else "",
+            plan.qc or (str(self.out / "qc" / f"{plan.spec.name}.png")
+                        if status == ALREADY_DONE and (self.out / "qc" / f"{plan.spec.name}.png").exists() else ""),
+            error, plan.spec.name, socket.gethostname(), os.getpid(),
+            datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+
+    def _log(self, status: SlideStatus) -> None:
+        if status.status == DONE:
+            self._seconds.append(status.seconds)
+        count = len(self.statuses)
+        left = self._total - count
+        eta = ""
+        if self._seconds and left:
+            eta = f"; ETA {_duration(left * sum(self._seconds) / len(self._seconds))} for {left} more"
+        if status.status == DONE:
+            what = f"done, {status.tiles} tiles in {status.seconds:.1f} s" + (
+                f", {status.skipped_tiles} skipped" if status.skipped_tiles else "")
+        elif status.status == ALREADY_DONE:
+            what = f"already done ({status.tiles} tiles)"
+        else:
+            what = f"{status.status}: {status.error}"
+        level = logging.ERROR if status.status == FAILED else logging.INFO
+        logger.log(level, "[%d/%d] %s: %s%s", count, self._total, shown(status.slide), what, eta)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _provenance(path: Path) -> Optional[Dict[str, Any]]:
+    if not path.exists():
+        return None
+    try:
+        return read_provenance(path)
+    except Exception:  # unreadable: rewritten, it holds nothing to keep
+        return None
+
+
+def _parts_settings(target: Path) -> Optional[Dict[str, Any]]:
+    import json
+
+    try:
+        return json.loads((target.with_name(target.name + ".parts") / "settings.json").read_text())
+    except (OSError, ValueError):
+        return None
