@@ -164,9 +164,11 @@ class SettingsMismatchError(H0miniError, ValueError):
         self.path = path
         self.differences = differences
         listed = "; ".join(f"{key}: saved {_short(old)}, now {_short(new)}" for key, (old, new) in differences.items())
+        from .wording import say
+
         super().__init__(
             f"{shown(path)} was made with other settings ({listed}). Nothing was deleted: rerun with the saved "
-            "settings to resume, or pass overwrite=True (--overwrite) to replace it"
+            f"settings to resume, or {say('pass overwrite=True', 'add --overwrite')} to replace it"
         )
 
 

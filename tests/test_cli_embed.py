@@ -121,11 +121,16 @@ def test_an_interrupted_run_resumes_with_only_the_missing_tiles(checkpoint, tile
 def test_new_tiles_extend_a_finished_output(checkpoint, tiles, tmp_path, capsys):
     out = tmp_path / "features.h5"
     first = sorted(tiles.glob("*.png"))[:4]
-    assert embed(*first, "-o", out, "--weights", checkpoint) == 0
-    assert embed(tiles, "-o", out, "--weights", checkpoint) == 0
-    assert "7 tiles (3 embedded, 4 reused" in capsys.readouterr().out.splitlines()[-1]
-    # Other settings never mix with the old numbers.
+    assert embed(*first, "-o", out, "--weights", checkpoint, "--precision", "fp32") == 0
     assert embed(tiles, "-o", out, "--weights", checkpoint, "--precision", "fp32") == 0
+    assert "7 tiles (3 embedded, 4 reused" in capsys.readouterr().out.splitlines()[-1]
+    # Other settings never mix with the old numbers, and never replace them unasked.
+    capsys.readouterr()
+    assert embed(tiles, "-o", out, "--weights", checkpoint, "--precision", "bf16") == 1
+    error = capsys.readouterr().err
+    assert "precision: saved 'fp32', now 'bf16'" in error and "add --overwrite" in error
+    assert read_embeddings(out).provenance["precision"] == "fp32"
+    assert embed(tiles, "-o", out, "--weights", checkpoint, "--precision", "bf16", "--overwrite") == 0
     assert "7 tiles (7 embedded" in capsys.readouterr().out
 
 

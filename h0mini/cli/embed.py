@@ -41,6 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--jpeg-decode", default="cpu", choices=JPEG_DECODERS,
                         help="device: decode JPEG tiles on the GPU (nvJPEG) instead of in the workers (default: cpu)")
     parser.add_argument("--save-every", type=int, default=1024, metavar="N", help="save progress every N tiles (default: 1024)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an output or saved batches made with other settings (default: stop and name "
+                             "the setting that differs)")
     add_weights_arguments(parser)
     parser.set_defaults(run=run, parser=parser)
 
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         embedder = _embedder(model, args, num_workers, input_size)
     except ValueError as error:  # e.g. an input size that is not a multiple of this model's patch size
         args.parser.error(str(error))
-    result = embed_to_file(tiles, output, embedder, on_error=args.on_error, part_size=args.save_every)
+    result = embed_to_file(tiles, output, embedder, on_error=args.on_error, part_size=args.save_every,
+                           overwrite=args.overwrite)
     for item in result.skipped:
         print(f"skipped tile {item['index']} ({shown(item['path'])}): {item['reason']}", file=sys.stderr)
     reused = f", {result.reused} reused from an earlier run" if result.reused else ""

@@ -18,6 +18,7 @@ written, and outputs are assembled from parts on disk one part at a time.
 from __future__ import annotations
 
 import collections
+import contextvars
 import logging
 import math
 import os
@@ -38,6 +39,7 @@ from ..embed import ModelLike, TileEmbedder, make_progress
 from ..errors import H0miniError, InvalidArgumentError, shown
 from ..job import SAME_NUMBERS, OutputJob, SettingsMismatchError, differences, job_settings
 from ..tiles import TileInput
+from ..wording import say
 from ..writers import check_writable, read_provenance, remove_stale_temp
 from .claims import CLAIM_TIMEOUT, Claims
 from .embed import slide_request
@@ -228,8 +230,8 @@ class _Cohort:
             more = f"\n  ... and {len(found) - 20} more" if len(found) > 20 else ""
             error = SettingsMismatchError(found[0][0], found[0][1])
             error.args = (f"{len(found)} saved outputs or parts were made with other settings:\n{lines}{more}\n"
-                          "Nothing was deleted: rerun with the saved settings to resume, or pass overwrite=True "
-                          "(--overwrite) to replace them",)
+                          "Nothing was deleted: rerun with the saved settings to resume, or "
+                          f"{say('pass overwrite=True', 'add --overwrite')} to replace them",)
             raise error
 
     def done(self, spec: SlideSpec) -> Optional[int]:
@@ -244,7 +246,9 @@ class _Cohort:
     def run(self, specs: List[SlideSpec], progress: Optional[bool]) -> List[SlideStatus]:
         self._total = len(specs)
         plans: "queue.Queue[Any]" = queue.Queue(maxsize=LOOKAHEAD)
-        planner = threading.Thread(target=self._plan_all, args=(specs, plans), name="h0mini-planner", daemon=True)
+        context = contextvars.copy_context()  # messages in the planner use the caller's words (CLI or Python)
+        planner = threading.Thread(target=context.run, args=(self._plan_all, specs, plans), name="h0mini-planner",
+                                   daemon=True)
         planner.start()
         source = TileInput(self._stream(plans), single=False, length=None, all_paths=True)
         received = 0
