@@ -244,14 +244,12 @@ def tile_slide(
     """
     if not 0.0 <= float(min_tissue) <= 1.0:
         raise ValueError(f"min_tissue must be in [0, 1], got {min_tissue!r}")
-    handle = open_slide(slide, reader=reader)
-    source = (
-        SlideSource(os.fspath(slide), reader)
-        if isinstance(slide, (str, os.PathLike))
-        else SlideSource(describe_slide(slide), "object", obj=slide)
-    )
-    if isinstance(slide, (str, os.PathLike)) and reader == "auto":
-        source = SlideSource(source.path, handle.reader)  # workers use the library that opened it here
+    if isinstance(slide, (str, os.PathLike)):  # this process's cached handle, shared with QC and reads here
+        handle = SlideSource(os.fspath(slide), reader).open()
+        source = SlideSource(os.fspath(slide), handle.reader)  # workers use the library that opened it here
+    else:
+        handle = open_slide(slide, reader=reader)
+        source = SlideSource(describe_slide(slide), "object", obj=slide)
     plan = plan_tiling(handle, mpp=mpp, target_mpp=target_mpp, tile_size=tile_size, overlap=overlap,
                        allow_upsampling=allow_upsampling)
     coords = plan.grid()

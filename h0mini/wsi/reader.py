@@ -2,18 +2,22 @@
 
 A ``SlideSource`` is what travels to DataLoader workers: the slide's path and the
 reader's name, never an open handle (handles do not survive pickling, and a handle
-shared across a fork is unsafe). Each process opens the slide once, on first use.
+shared across a fork is unsafe). Each process keeps a few slides open (a small LRU,
+``set_open_slide_limit``; the least recently used is closed), opens them on first use,
+never uses a handle its parent opened, and closes a slide's handles on ``release(path)``.
 µm/px comes from the slide's own metadata or from the caller; it is never guessed
 from a magnification.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -49,25 +53,25 @@ class SlideSource:
             object.__setattr__(self, key, value)
 
     def open(self) -> "Slide":
-        """This process's handle (opened once per process and reader)."""
+        """This process's handle, from its small cache of open slides (see ``set_open_slide_limit``)."""
         if self.obj is not None:
             return Slide(self.obj, self.path, "object")
-        key = (self.path, self.reader, os.getpid())
-        with _HANDLES_LOCK:
-            slide = _HANDLES.get(key)
-            if slide is None:
-                slide = _HANDLES[key] = open_slide(self.path, reader=self.reader)
-        return slide
+        return _HANDLES.get(self.path, self.reader)
 
-
-_HANDLES: Dict[Tuple[str, str, int], "Slide"] = {}
-_HANDLES_LOCK = threading.Lock()
+    def close(self) -> None:
+        """Close this process's handles of the slide (it reopens if used again)."""
+        if self.obj is None:
+            release(self.path)
 
 
 class Slide:
-    """A thin view over an OpenSlide-like handle: levels, µm/px, and RGB regions."""
+    """A thin view over an OpenSlide-like handle: levels, µm/px, and RGB regions.
 
-    def __init__(self, handle: Any, name: str, reader: str):
+    A slide opened from a path can reopen its file after it was closed (released, or evicted
+    from the cache of open slides), on next use. A handle is closed only when no read uses it.
+    """
+
+    def __init__(self, handle: Any, name: str, reader: str, *, reopen: Optional[Callable[[], Any]] = None):
         missing = [a for a in _API if not hasattr(handle, a)]
         if missing:
             raise SlideError(
@@ -75,9 +79,79 @@ class Slide:
                 "(pass a path, an openslide.OpenSlide or a tiffslide.TiffSlide)",
                 slide=name,
             )
-        self.handle = handle
+        self._handle: Any = handle
         self.name = name
         self.reader = reader
+        self.reopened = 0  # times a read error made this slide open its file afresh
+        self._reopen = reopen
+        self._lock = threading.Lock()
+        self._busy = 0  # reads in flight
+        self._retired: List[Any] = []  # handles replaced or closed while reads were using them
+        self._stale = False  # the handle failed twice on one region: open afresh before the next read
+        self._closed = False
+        self.stamp: Any = None  # the file's size and mtime when opened (a replaced file is reopened)
+
+    # -- the handle's life ---------------------------------------------------------------------
+
+    @property
+    def handle(self) -> Any:
+        """The open library handle (reopened first if the slide was closed)."""
+        handle = self._handle
+        if handle is None or self._stale:
+            handle = self._acquire()
+            self._done()
+        return handle
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close the library handle now, or when the reads using it end. A later use reopens it."""
+        with self._lock:
+            if self._reopen is None or self._handle is None:
+                return  # a user's object is the user's to close
+            self._retired.append(self._handle)
+            self._handle, self._closed = None, True
+            if not self._busy:
+                self._close_retired()
+
+    def _acquire(self) -> Any:
+        revived = False
+        with self._lock:
+            if self._handle is None or self._stale:
+                self._replace()
+                revived, self._closed = self._closed, False
+            self._busy += 1
+            handle = self._handle
+        if revived:  # counted among the open slides again (outside our lock: the cache closes slides)
+            _HANDLES.add(self)
+        return handle
+
+    def _done(self) -> None:
+        with self._lock:
+            self._busy -= 1
+            if not self._busy:
+                self._close_retired()
+
+    def _replace(self) -> None:
+        """Open the file afresh (caller holds the lock); the old handle closes when its reads end."""
+        if self._reopen is None:
+            raise SlideError("the slide was closed", slide=self.name)
+        fresh = self._reopen()
+        if self._handle is not None:
+            self._retired.append(self._handle)
+        self._handle, self._stale = fresh, False
+
+    def _close_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        for handle in retired:
+            try:
+                handle.close()
+            except Exception:  # a handle that failed may fail to close; it is dropped either way
+                pass
+
+    # -- what the slide is -----------------------------------------------------------------------
 
     @property
     def dimensions(self) -> Tuple[int, int]:
@@ -112,17 +186,156 @@ class Slide:
     def read(self, level: int, location: Tuple[int, int], size: Tuple[int, int]) -> Image.Image:
         """An RGB region: ``location`` at level 0, ``size`` at ``level``. Transparent areas (outside
         the scanned area) become white, as glass is."""
+        args = ((int(location[0]), int(location[1])), int(level), (int(size[0]), int(size[1])))
+        handle = self._acquire()
         try:
-            region = self.handle.read_region((int(location[0]), int(location[1])), int(level), (int(size[0]), int(size[1])))
+            region = handle.read_region(*args)
         except Exception as error:
-            raise SlideError(
-                f"cannot read {size[0]}x{size[1]} px at level {level}, ({location[0]}, {location[1]}): "
-                f"{type(error).__name__}: {error}",
-                slide=self.name,
-            ) from None
+            raise self._read_error(args, error) from None
+        finally:
+            self._done()
         if isinstance(region, np.ndarray):
             region = Image.fromarray(region)
         return to_rgb(region)
+
+    def _read_error(self, args: Tuple[Any, ...], error: Exception) -> SlideError:
+        (x, y), level, (w, h) = args
+        return SlideError(f"cannot read {w}x{h} px at level {level}, ({x}, {y}): {type(error).__name__}: {error}",
+                          slide=self.name)
+
+
+# -- the open slides of this process -----------------------------------------------------------------
+
+MAX_OPEN_SLIDES = 4  # handles one process keeps open; the least recently used one is closed first
+
+
+class _OpenSlides:
+    """A small per-process LRU of open slides. A forked child never uses (or closes) its parent's."""
+
+    def __init__(self, limit: int = MAX_OPEN_SLIDES):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._slides: "OrderedDict[Tuple[str, str], Slide]" = OrderedDict()
+        self._pid = os.getpid()
+        self._inherited: List[Slide] = []  # the parent's, kept referenced so that nothing closes them here
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()  # the parent's may have been held by another thread at the fork
+        self._inherited.extend(self._slides.values())
+        self._slides = OrderedDict()
+        self._pid = os.getpid()
+
+    def get(self, path: str, reader: str) -> Slide:
+        key = os.path.abspath(path)
+        with self._lock:
+            self._check_pid()
+            stamp = _stamp(key)
+            stale = []
+            for (p, r), slide in list(self._slides.items()):
+                if p == key and reader in ("auto", r):
+                    if slide.stamp == stamp:
+                        self._slides.move_to_end((p, r))
+                        return slide
+                    stale.append(self._slides.pop((p, r)))  # the file was replaced since it was opened
+        for old in stale:
+            old.close()
+        slide = open_slide(path, reader=reader)
+        slide.stamp = stamp  # outside the lock: opening can take a while
+        with self._lock:
+            self._check_pid()
+            known = self._slides.get((key, slide.reader))
+            if known is not None:  # another thread opened it meanwhile
+                self._slides.move_to_end((key, slide.reader))
+                duplicate, slide = slide, known
+            else:
+                duplicate = None
+                self._slides[(key, slide.reader)] = slide
+            evicted = self._trim()
+        for other in evicted + ([duplicate] if duplicate else []):
+            other.close()
+        return slide
+
+    def add(self, slide: Slide) -> None:
+        """Count a reopened slide among the open ones again."""
+        with self._lock:
+            self._check_pid()
+            self._slides[(os.path.abspath(slide.name), slide.reader)] = slide
+            self._slides.move_to_end((os.path.abspath(slide.name), slide.reader))
+            evicted = [s for s in self._trim() if s is not slide]
+        for other in evicted:
+            other.close()
+
+    def release(self, path: str) -> int:
+        key = os.path.abspath(path)
+        with self._lock:
+            self._check_pid()
+            gone = [k for k in self._slides if k[0] == key]
+            slides = [self._slides.pop(k) for k in gone]
+        for slide in slides:
+            slide.close()
+        return len(slides)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._check_pid()
+            slides, self._slides = list(self._slides.values()), OrderedDict()
+        for slide in slides:
+            slide.close()
+
+    def count(self) -> int:
+        with self._lock:
+            self._check_pid()
+            return sum(not s.closed for s in self._slides.values())
+
+    def _trim(self) -> List[Slide]:
+        evicted = []
+        while len(self._slides) > max(self.limit, 1):
+            evicted.append(self._slides.popitem(last=False)[1])
+        return evicted
+
+    def _check_pid(self) -> None:
+        if os.getpid() != self._pid:  # forked without the hook (it is registered where os allows)
+            self.after_fork()
+
+
+def _stamp(path: str) -> Any:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+_HANDLES = _OpenSlides()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_HANDLES.after_fork)
+
+
+def set_open_slide_limit(limit: int) -> int:
+    """Keep at most ``limit`` slides open per process (default 4); returns the previous limit."""
+    if not (isinstance(limit, int) and limit >= 1):
+        raise ValueError(f"the open slide limit must be a positive integer, got {limit!r}")
+    previous, _HANDLES.limit = _HANDLES.limit, limit
+    with _HANDLES._lock:
+        evicted = _HANDLES._trim()
+    for slide in evicted:
+        slide.close()
+    return previous
+
+
+def release(path: Union[str, os.PathLike]) -> int:
+    """Close this process's handles of the slide at ``path`` (when its tiles are read); returns how many."""
+    return _HANDLES.release(os.fspath(path))
+
+
+def release_all() -> None:
+    """Close every slide this process holds open."""
+    _HANDLES.clear()
+
+
+def open_slide_count() -> int:
+    """How many slides this process holds open (at most the limit)."""
+    return _HANDLES.count()
 
 
 def open_slide(slide: Any, *, reader: str = "auto") -> Slide:
@@ -142,7 +355,7 @@ def open_slide(slide: Any, *, reader: str = "auto") -> Slide:
     failures = []
     for name, opener in readers:
         try:
-            return _checked(Slide(opener(path), path, name))
+            return _checked(Slide(opener(path), path, name, reopen=functools.partial(opener, path)))
         except SlideError:
             raise
         except Exception as error:  # each library has its own "unsupported format" exceptions

@@ -1,0 +1,145 @@
+"""The reader layer under every slide path: bounded handles, reopening after read errors, formats."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import h0mini
+from h0mini.errors import SlideError
+from h0mini.wsi import qc_image, reader, tile_slide
+from h0mini.wsi.reader import SlideSource
+from helpers import SLIDE, write_checkpoint
+
+openslide = pytest.importorskip("openslide")
+tifffile = pytest.importorskip("tifffile")
+pytest.importorskip("scipy")
+
+READERS = ["openslide"] + (["tiffslide"] if __import__("importlib").util.find_spec("tiffslide") else [])
+
+
+@pytest.fixture(autouse=True)
+def no_open_slides():
+    reader.release_all()
+    yield
+    reader.release_all()
+
+
+def he_pixels(width: int = 896, height: int = 896) -> np.ndarray:
+    """Real H&E from the CC0 slide's tissue, level 0."""
+    image = Image.open(SLIDE)
+    image.seek(0)
+    return np.asarray(image.convert("RGB"))[224 : 224 + height, 672 : 672 + width].copy()
+
+
+def write_tiff(path: Path, pixels: np.ndarray, *, mpp: float = 0.5, tile: int = 224, compression: str = "zlib") -> Path:
+    tifffile.imwrite(path, pixels, tile=(tile, tile), compression=compression, photometric="rgb",
+                     resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    return path
+
+
+class CountingOpenSlide(openslide.OpenSlide):
+    """OpenSlide that counts its live handles (OpenSlide 4 keeps no file descriptor open between reads)."""
+
+    live = 0
+
+    def __init__(self, filename):
+        super().__init__(filename)
+        CountingOpenSlide.live += 1
+
+    def close(self):
+        CountingOpenSlide.live -= 1
+        super().close()
+
+
+def _slide_fds(folder: Path) -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder))
+        except OSError:
+            pass
+    return count
+
+
+# -- 1. bounded handles -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_fifty_slides_leave_at_most_the_limit_open(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(openslide, "OpenSlide", CountingOpenSlide)
+    CountingOpenSlide.live = 0
+    first = write_tiff(tmp_path / "s00.tif", he_pixels(448, 448))
+    paths = [first] + [Path(shutil.copy(first, tmp_path / f"s{i:02d}.tif")) for i in range(1, 50)]
+    expected = np.asarray(Image.fromarray(he_pixels(448, 448)).crop((224, 0, 448, 224)))
+    for path in paths:
+        region = SlideSource(str(path), name).open().read(0, (224, 0), (224, 224))
+        np.testing.assert_array_equal(np.asarray(region), expected)
+    assert reader.open_slide_count() == reader.MAX_OPEN_SLIDES == 4
+    if name == "openslide":
+        assert CountingOpenSlide.live == 4  # the other 46 were closed when evicted
+    else:
+        assert _slide_fds(tmp_path) == 4  # tiffslide keeps its file open: one descriptor per slide
+    assert reader.release(paths[-1]) == 1 and reader.open_slide_count() == 3
+    reader.release_all()
+    assert reader.open_slide_count() == 0 and _slide_fds(tmp_path) == 0
+    if name == "openslide":
+        assert CountingOpenSlide.live == 0
+
+
+def test_the_limit_is_settable_and_a_closed_slide_reopens_on_use(tmp_path):
+    paths = [write_tiff(tmp_path / f"s{i}.tif", np.roll(he_pixels(448, 448), 50 * i, axis=1)) for i in range(3)]
+    previous = reader.set_open_slide_limit(2)
+    try:
+        slides = [SlideSource(str(p)).open() for p in paths]
+        assert reader.open_slide_count() == 2 and slides[0].closed  # the least recently used went first
+        # Someone still holding the evicted slide reads it: it reopens and counts among the open ones.
+        assert slides[0].read(0, (0, 0), (8, 8)).size == (8, 8)
+        assert not slides[0].closed and slides[1].closed and reader.open_slide_count() == 2
+        SlideSource(str(paths[0])).close()
+        assert slides[0].closed and reader.open_slide_count() == 1
+        with pytest.raises(ValueError, match="positive integer"):
+            reader.set_open_slide_limit(0)
+    finally:
+        reader.set_open_slide_limit(previous)
+
+
+def test_tile_slide_qc_and_reads_share_one_handle_per_process(tmp_path):
+    path = write_tiff(tmp_path / "s.tif", he_pixels(448, 448))
+    tiles = tile_slide(path, tissue="otsu", min_tissue=0.0)
+    qc_image(tiles)
+    tiles[0].load()
+    assert reader.open_slide_count() == 1
+
+
+def test_a_replaced_file_is_reopened(tmp_path):
+    path = write_tiff(tmp_path / "s.tif", he_pixels(448, 448))
+    assert SlideSource(str(path)).open().dimensions == (448, 448)
+    replacement = write_tiff(tmp_path / "other.tif", he_pixels(672, 448))
+    os.replace(replacement, path)
+    assert SlideSource(str(path)).open().dimensions == (672, 448)
+    assert reader.open_slide_count() == 1
+
+
+def _child_view(path):
+    before = reader.open_slide_count()
+    slide = SlideSource(path, "openslide").open()
+    inherited = reader._HANDLES._inherited
+    return before, len(inherited), any(s is slide for s in inherited), np.asarray(slide.read(0, (0, 0), (32, 32)))
+
+
+def test_a_forked_worker_opens_its_own_handle(tmp_path):
+    path = str(write_tiff(tmp_path / "s.tif", he_pixels(448, 448)))
+    parent = SlideSource(path, "openslide").open()
+    pixels = np.asarray(parent.read(0, (0, 0), (32, 32)))
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        before, inherited, reused, child_pixels = pool.apply(_child_view, (path,))
+    assert before == 0 and inherited == 1 and not reused  # the parent's handle is set aside, never used
+    np.testing.assert_array_equal(child_pixels, pixels)
+    assert reader.open_slide_count() == 1 and not parent.closed
