@@ -143,3 +143,55 @@ def test_a_forked_worker_opens_its_own_handle(tmp_path):
     assert before == 0 and inherited == 1 and not reused  # the parent's handle is set aside, never used
     np.testing.assert_array_equal(child_pixels, pixels)
     assert reader.open_slide_count() == 1 and not parent.closed
+
+
+# -- 2. reopening after a read error -----------------------------------------------------------------
+
+
+BAD_TILES = (1, 6, 11)  # of the 4 x 4 stored tiles, row by row
+
+
+def write_corrupt_slide(path: Path) -> Path:
+    """A tiled JPEG TIFF whose stored tiles 1, 6 and 11 are not JPEG any more (cut SOI marker, junk data)."""
+    write_tiff(path, he_pixels(896, 896), compression="jpeg")
+    with tifffile.TiffFile(path) as tif:
+        offsets, counts = tif.pages[0].dataoffsets, tif.pages[0].databytecounts
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    for index in BAD_TILES:
+        start, count = offsets[index], counts[index]
+        data[start : start + count] = rng.integers(0, 256, count, dtype=np.uint8).tobytes()
+        data[start : start + 2] = b"\x00\x00"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    write_checkpoint(folder)
+    return h0mini.load_model(folder)
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_only_the_corrupt_tiles_are_skipped(tmp_path, model, name):
+    path = write_corrupt_slide(tmp_path / "corrupt.tif")
+    if name == "openslide":  # the sticky error this guards against: one bad tile fails every later read
+        handle = openslide.OpenSlide(str(path))
+        with pytest.raises(openslide.OpenSlideError):
+            handle.read_region((224, 0), 0, (224, 224))
+        with pytest.raises(openslide.OpenSlideError):
+            handle.read_region((0, 0), 0, (224, 224))
+        handle.close()
+    with pytest.warns(h0mini.SkippedTilesWarning, match="3 tile"):
+        result = h0mini.embed_slide(path, model, tissue=None, reader=name, on_error="skip", num_workers=0)
+    skipped = sorted(s["index"] for s in result.skipped)
+    assert skipped == list(BAD_TILES) and len(result) == 16 - len(BAD_TILES)
+    assert all("corrupt.tif" in s["reason"] and "Not a JPEG" in s["reason"] for s in result.skipped)
+    # The good tiles after a bad one are the pixels of a clean read.
+    clean = SlideSource(str(path), name).open()
+    good = [i for i in range(16) if i not in BAD_TILES]
+    assert [tuple(c) for c in result.coords.tolist()] == [((i % 4) * 224, (i // 4) * 224) for i in good]
+    with pytest.raises(SlideError, match=r"cannot read 224x224 px at level 0, \(224, 0\)"):
+        clean.read(0, (224, 0), (224, 224))
+    assert np.asarray(clean.read(0, (448, 0), (224, 224))).std() > 5  # and the next one reads again

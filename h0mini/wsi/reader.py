@@ -67,7 +67,8 @@ class SlideSource:
 class Slide:
     """A thin view over an OpenSlide-like handle: levels, µm/px, and RGB regions.
 
-    A slide opened from a path can reopen its file after it was closed (released, or evicted
+    A slide opened from a path can reopen its file: after a read error (OpenSlide keeps failing
+    every later read on a handle that failed once), and after it was closed (released, or evicted
     from the cache of open slides), on next use. A handle is closed only when no read uses it.
     """
 
@@ -185,18 +186,43 @@ class Slide:
 
     def read(self, level: int, location: Tuple[int, int], size: Tuple[int, int]) -> Image.Image:
         """An RGB region: ``location`` at level 0, ``size`` at ``level``. Transparent areas (outside
-        the scanned area) become white, as glass is."""
+        the scanned area) become white, as glass is.
+
+        A failed read is retried once on a freshly opened handle (OpenSlide's errors are sticky: one
+        bad tile would fail every later read of the handle); only then is it a ``SlideError``.
+        """
         args = ((int(location[0]), int(location[1])), int(level), (int(size[0]), int(size[1])))
         handle = self._acquire()
         try:
-            region = handle.read_region(*args)
-        except Exception as error:
-            raise self._read_error(args, error) from None
+            try:
+                region = handle.read_region(*args)
+            except Exception as error:
+                if self._reopen is None:
+                    raise self._read_error(args, error) from None
+                handle = self._fresh(handle)
+                try:
+                    region = handle.read_region(*args)
+                except Exception as again:
+                    with self._lock:
+                        self._stale = self._stale or self._handle is handle
+                    raise self._read_error(args, again) from None
         finally:
             self._done()
         if isinstance(region, np.ndarray):
             region = Image.fromarray(region)
         return to_rgb(region)
+
+    def _fresh(self, failed: Any) -> Any:
+        """A handle opened after ``failed`` failed (another thread may have reopened already)."""
+        with self._lock:
+            if self._handle is failed:
+                try:
+                    self._replace()
+                except Exception as error:
+                    self._stale = True
+                    raise SlideError(f"cannot reopen the slide after a read error: {error}", slide=self.name) from None
+                self.reopened += 1
+            return self._handle
 
     def _read_error(self, args: Tuple[Any, ...], error: Exception) -> SlideError:
         (x, y), level, (w, h) = args
