@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import List, Sequence, Union
 
 from ..errors import SlideError
-from ..tiles import GLOB_CHARS
-from .reader import SLIDE_SUFFIXES
+from ..tiles import GLOB_CHARS, SLIDE_SUFFIXES
 
 
 def find_slides(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:

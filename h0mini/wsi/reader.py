@@ -17,13 +17,13 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
 from ..errors import OptionalDependencyError, SlideError
-from ..tiles import SLIDE_SUFFIXES, to_rgb
+from ..tiles import to_rgb
 
 READERS = ("auto", "openslide", "tiffslide")
 _INCH_CM = {"inch": 25400.0, "centimeter": 10000.0, "cm": 10000.0, "millimeter": 1000.0}
@@ -451,6 +451,3 @@ def describe_slide(slide: Any) -> str:
         return os.fspath(slide)
     return str(getattr(slide, "_filename", None) or getattr(slide, "path", None) or f"<{type(slide).__name__}>")
 
-
-def is_slide_file(path: str, suffixes: Sequence[str] = tuple(SLIDE_SUFFIXES)) -> bool:
-    return os.path.splitext(path)[1].lower() in suffixes
