@@ -87,7 +87,7 @@ def fuzz(count: int, workdir: Path) -> Dict[str, object]:
     kinds = write_fuzz_corpus(folder, count)
     for example in EXAMPLES:
         shutil.copy(example, folder / example.name)
-    embedder = TileEmbedder(random_model("h0mini_test"), output="cls", device="cpu", num_workers=0, batch_size=8)
+    embedder = TileEmbedder(random_model("h0mini_test"), embedding="cls", device="cpu", num_workers=0, batch_size=8)
     started = time.perf_counter()
     result = embed_to_file([str(folder)], workdir / "fuzz.h5", embedder, on_error="skip", progress=False)
     seconds = time.perf_counter() - started

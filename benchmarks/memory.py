@@ -48,7 +48,7 @@ def main(argv=None) -> list:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     count = 512 if args.smoke else args.tiles
-    embedder = TileEmbedder(make_model(args.model), device=device, output="cls")
+    embedder = TileEmbedder(make_model(args.model), device=device, embedding="cls")
     tile = np.asarray(np.random.default_rng(0).integers(0, 255, (224, 224, 3)), dtype=np.uint8)
     checkpoints = sorted({count // 100, count // 10, count // 2, count} - {0})
     rows, done, kept = [], 0, []

@@ -41,8 +41,8 @@ def main(argv=None) -> list:
     rounds = 1 if args.smoke else args.rounds
     with tempfile.TemporaryDirectory() as tmp:
         fp32_dir, int8_dir = Path(tmp) / "fp32", Path(tmp) / "int8"
-        export_onnx(model, fp32_dir, tiles=calibration)
-        gate = export_onnx(model, int8_dir, quantize="int8", tiles=calibration).int8
+        export_onnx(model, fp32_dir, calibration=calibration)
+        gate = export_onnx(model, int8_dir, quantize="int8", calibration=calibration).int8
         configs = {
             "torch fp32": (model, "fp32"),
             "torch bf16": (model, "bf16"),
@@ -63,7 +63,7 @@ def measure(configs: dict, tiles: np.ndarray, batch_size: int, rounds: int) -> l
 
     def run(name):
         model, precision = configs[name]
-        return h0mini.embed_tiles(tiles, model, output="cls", batch_size=batch_size, precision=precision,
+        return h0mini.embed_tiles(tiles, model, embedding="cls", batch_size=batch_size, precision=precision,
                                   device="cpu", num_workers=0, progress=False)
 
     outputs = {name: run(name) for name in configs}  # also the warm-up

@@ -51,7 +51,7 @@ class TileSearch:
         self.reference_vectors = _unit(_cls_mean(tokens))
 
     def _embed(self, pixels: np.ndarray) -> dict:
-        return h0mini.embed_tiles(pixels, self.model, output="all", progress=False, num_workers=0)
+        return h0mini.embed_tiles(pixels, self.model, embedding="all", progress=False, num_workers=0)
 
     def analyse(self, image: Any, k: int = 3) -> Tuple[np.ndarray, List[Tuple[np.ndarray, str]], str]:
         """Feature map of ``image`` (PIL, array or path) and its ``k`` nearest reference tiles.

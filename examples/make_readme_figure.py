@@ -37,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         model = random_model("h0mini_test")
         label = "tiny random test model h0mini_test (not H0-mini's weights)"
-    tokens = h0mini.embed_tiles(TILES, model, output="patch_tokens", precision="fp32", progress=False)
+    tokens = h0mini.embed_tiles(TILES, model, embedding="patch_tokens", precision="fp32", progress=False)
     figure = viz.plot_patch_features(TILES, tokens, ncols=4, panel_size=1.8)
     figure.suptitle(
         f"PCA of patch tokens over these 4 tiles, in RGB; black: background (first component < 0.35). Model: {label}",

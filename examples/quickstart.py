@@ -19,7 +19,7 @@ print(f"model: {model.h0mini_weights.arch} from {model.h0mini_weights.source} "
 features = h0mini.embed_tiles(TILES, model)  # CLS + mean of patch tokens, one row per tile
 print(f"embeddings: {features.shape} {features.dtype}")
 
-tokens = h0mini.embed_tiles(TILES, model, output="all")
+tokens = h0mini.embed_tiles(TILES, model, embedding="all")
 print({name: array.shape for name, array in tokens.items()})
 
 unit = features / np.linalg.norm(features, axis=1, keepdims=True)

@@ -122,7 +122,7 @@ def render_model_card(
         'features = h0mini.embed_tiles("tiles/", model)               # (N, '
         + (str(2 * dim) if dim else "2D")
         + "): CLS + mean of patch tokens\n"
-        'patch_tokens = h0mini.embed_tiles("tiles/", model, output="patch_tokens")  # (N, '
+        'patch_tokens = h0mini.embed_tiles("tiles/", model, embedding="patch_tokens")  # (N, '
         + f"{grid * grid}, {dim or 'D'})\n```",
         f"or from the command line: `h0mini embed tiles/ -o features.h5 --weights {repo}`.",
         "## Embeddings",

@@ -34,6 +34,7 @@ from .onnx_model import OnnxModel
 from .preprocess import Preprocessing
 from .runtime import ModelForward, resolve_device, resolve_precision
 from .tiles import TileRef, DatasetItems, describe, read_input
+from .deprecation import take_options
 from .wording import say
 
 logger = logging.getLogger(__name__)
@@ -76,18 +77,22 @@ def embed_tiles(
     tiles: Any,
     model: ModelLike = None,
     *,
-    output: str = "cls+mean",
+    embedding: str = "cls+mean",
     batch_size: Optional[int] = None,
     device: Union[str, torch.device] = "auto",
     precision: str = "auto",
     num_workers: Union[int, str] = "auto",
-    progress: Optional[bool] = None,
-    on_error: str = "raise",
     input_size: Union[int, str, None] = None,
-    return_tensors: bool = False,
-    dtype: Union[str, np.dtype, torch.dtype] = "float32",
     compile: bool = False,
     jpeg_decode: str = "cpu",
+    on_error: str = "raise",
+    progress: Optional[bool] = None,
+    return_tensors: bool = False,
+    return_dtype: Union[str, np.dtype, torch.dtype] = "float32",
+    revision: Optional[str] = None,
+    token: Union[str, bool, None] = None,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    **options: Any,
 ) -> Any:
     """Embed pathology tiles with H0-mini (or any model of the family).
 
@@ -96,15 +101,16 @@ def embed_tiles(
             (N, 3, H, W), uint8 or float in [0, 1]; a path to an image file; a folder (its image files,
             sorted); a glob; a .txt/.csv list of paths; a torch Dataset; or any iterable of these
             (streamed).
-        model: a model from ``load_model()``, or weights to load (repo id, folder, file). Default:
-            H0-mini, loaded once per process.
-        output: ``"cls+mean"`` (CLS and the mean of the patch tokens concatenated, the model card's
+        model: a model from ``load_model()``, or weights to load (repo id, ``repo@revision``, folder,
+            file). Default: H0-mini, loaded once per process.
+        embedding: ``"cls+mean"`` (CLS and the mean of the patch tokens concatenated, the model card's
             embedding, 1536-d), ``"cls"`` (768-d), ``"mean"`` (768-d), ``"patch_tokens"`` (N, 256, 768)
             or ``"all"`` (a dict with ``cls``, ``registers`` and ``patch_tokens``). Register tokens never
             enter the mean.
         batch_size: tiles per forward pass. Default: 256 on CUDA, 8 on CPU (measured fastest there).
             On CUDA out-of-memory the batch is split and the smaller size kept.
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``...
+        device: ``"auto"``: a model you pass runs where it is; weights to load go to CUDA when
+            available, else the CPU. ``"cpu"``, ``"cuda:1"``...: the model is moved there.
         precision: ``"auto"`` (fp16 on CUDA; bf16 on CPUs with native bf16, else fp32), ``"fp32"``,
             ``"fp16"`` or ``"bf16"``: autocast dtype of the forward pass.
         num_workers: DataLoader worker processes decoding files. ``"auto"``: up to 8 on CUDA, 1 on CPU,
@@ -116,7 +122,7 @@ def embed_tiles(
         input_size: None (the model's, 224: other sizes are resized and centre-cropped as the model card
             does), an int multiple of 14, or ``"native"`` to keep each tile's size (multiples of 14).
         return_tensors: return torch tensors (on CPU) instead of numpy arrays.
-        dtype: dtype of the returned values. Default float32.
+        return_dtype: dtype of the returned values. Default float32.
         compile: run the model through ``torch.compile``: the first batch waits for compilation
             (15-30 s on CPU), later ones run about 20% faster in bf16 on CPU (frozen weights,
             recompiled if they change). Worth it from a few thousand tiles; falls back to eager
@@ -125,6 +131,9 @@ def embed_tiles(
             input size are decoded on the model's device, nvJPEG on CUDA, by torchcodec
             (``h0mini[jpeg]``) or torchvision (workers only read bytes). Other files, and JPEGs
             the device decoder rejects or that carry an EXIF rotation, use Pillow.
+        revision, token, cache_dir: passed to ``load_model`` when ``model`` is weights to load.
+        **options: only the names of the previous release (``output=``, ``dtype=``), with a
+            ``DeprecationWarning``; any other name is an ``UnknownOptionError`` listing the valid ones.
 
     Returns:
         ``(N, D)`` array (``(N, 256, D)`` for ``"patch_tokens"``, a dict for ``"all"``), rows in input
@@ -132,17 +141,21 @@ def embed_tiles(
 
     Raises:
         InvalidTileError: a tile is missing, corrupt, not an image, or of the wrong shape, dtype or range.
+        UnknownOptionError: an option this function does not take.
 
     Example:
         >>> feats = h0mini.embed_tiles("tiles/")
         >>> feats.shape
         (7, 1536)
     """
+    renamed = take_options("embed_tiles", embed_tiles, options,
+                           {"embedding": embedding, "return_dtype": return_dtype})
+    embedding, return_dtype = renamed["embedding"], renamed["return_dtype"]
     if on_error not in ("raise", "skip"):
         raise InvalidArgumentError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     embedder = TileEmbedder(
         model,
-        output=output,
+        embedding=embedding,
         batch_size=batch_size,
         device=device,
         precision=precision,
@@ -150,9 +163,12 @@ def embed_tiles(
         input_size=input_size,
         compile=compile,
         jpeg_decode=jpeg_decode,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
     )
     source = read_input(tiles)
-    result, skipped = collect(embedder, source, on_error=on_error, progress=progress, dtype=dtype,
+    result, skipped = collect(embedder, source, on_error=on_error, progress=progress, dtype=return_dtype,
                               return_tensors=return_tensors)
     if skipped:
         warnings.warn(SkippedTilesWarning(skipped), stacklevel=2)
@@ -191,13 +207,17 @@ def collect(
 
 
 class TileEmbedder:
-    """The reusable pipeline behind ``embed_tiles``: resolved model, device, precision and preprocessing."""
+    """The reusable pipeline behind ``embed_tiles``: resolved model, device, precision and preprocessing.
+
+    Takes the options of ``embed_tiles`` that decide how tiles become embeddings (the same names
+    and defaults); ``iter_batches`` runs it over a source.
+    """
 
     def __init__(
         self,
         model: ModelLike = None,
         *,
-        output: str = "cls+mean",
+        embedding: str = "cls+mean",
         batch_size: Optional[int] = None,
         device: Union[str, torch.device] = "auto",
         precision: str = "auto",
@@ -205,19 +225,26 @@ class TileEmbedder:
         input_size: Union[int, str, None] = None,
         compile: bool = False,
         jpeg_decode: str = "cpu",
+        revision: Optional[str] = None,
+        token: Union[str, bool, None] = None,
+        cache_dir: Union[str, os.PathLike, None] = None,
+        **options: Any,
     ):
-        if output not in OUTPUTS:
-            raise InvalidArgumentError(f"output must be one of {OUTPUTS}, got {output!r}")
+        embedding = take_options("TileEmbedder", TileEmbedder.__init__, options, {"embedding": embedding})["embedding"]
+        if embedding not in OUTPUTS:
+            raise InvalidArgumentError(f"{say('embedding', '--embedding')} must be one of {OUTPUTS}, got {embedding!r}")
         if jpeg_decode not in JPEG_DECODERS:
             raise InvalidArgumentError(f"jpeg_decode must be one of {JPEG_DECODERS}, got {jpeg_decode!r}")
         self.jpeg_decode = jpeg_decode
-        model = resolve_model(model)
+        model = resolve_model(model, revision=revision, token=token, cache_dir=cache_dir)
         if isinstance(model, OnnxModel):
             device, precision = _onnx_settings(model, device, precision, compile)
+        elif str(device) == "auto":  # a model object runs where it is (loaded ones went to CUDA when available)
+            device = _device_of(model, default="auto")
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 1))
-        self.output = output
+        self.embedding = embedding
         self.autocast_dtype = resolve_precision(precision, self.device)
         self.batch_size = _positive(batch_size, "batch_size") or DEFAULT_BATCH_SIZE["cuda" if self.device.type == "cuda" else "cpu"]
         self._micro_batch = self.batch_size
@@ -227,6 +254,11 @@ class TileEmbedder:
         # A model loaded in bf16/fp16 takes inputs of its own dtype when no autocast converts them.
         self.weights_dtype = parameter.dtype if parameter is not None else torch.float32
         self._forward = ModelForward(self.model, self.device, self.autocast_dtype or self.weights_dtype, compile)
+
+    @property
+    def output(self) -> str:
+        """The embedding kind (``embedding``), under its previous name."""
+        return self.embedding
 
     @property
     def precision(self) -> str:
@@ -423,16 +455,32 @@ def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, output: str) -> Di
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_model(weights: Optional[str]) -> torch.nn.Module:
-    return load_model(weights)
+def _cached_model(weights: Optional[str], revision: Optional[str], token: Union[str, bool, None],
+                  cache_dir: Optional[str]) -> torch.nn.Module:
+    return load_model(weights, revision=revision, token=token, cache_dir=cache_dir)
 
 
-def resolve_model(model: ModelLike) -> torch.nn.Module:
+def resolve_model(model: ModelLike, *, revision: Optional[str] = None, token: Union[str, bool, None] = None,
+                  cache_dir: Union[str, os.PathLike, None] = None) -> torch.nn.Module:
     if model is None or isinstance(model, (str, os.PathLike)):
-        return _cached_model(None if model is None else os.fspath(model))
+        weights = None if model is None else os.fspath(model)
+        return _cached_model(weights, revision, token, None if cache_dir is None else os.fspath(cache_dir))
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be an nn.Module, a repo id or a path, got {type(model).__name__}")
+    given = [name for name, value in (("revision", revision), ("token", token), ("cache_dir", cache_dir))
+             if value is not None]
+    if given:
+        raise InvalidArgumentError(
+            f"{', '.join(n + '=' for n in given)} apply to loading weights, but model is an already loaded "
+            f"{type(model).__name__}; pass them to load_model(), or pass the repo id as model="
+        )
     return model
+
+
+def _device_of(model: torch.nn.Module, default: str) -> Union[str, torch.device]:
+    """The device of ``model``'s parameters (``default`` for a model without any)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else default
 
 
 def _onnx_settings(model: OnnxModel, device: Union[str, torch.device], precision: str, compile: bool) -> Tuple[str, str]:
@@ -644,7 +692,7 @@ def _assemble(
             values = [p.features[name] for p in parts]
             if len({tuple(v.shape[1:]) for v in values}) > 1:
                 raise InvalidTileError(
-                    f"tiles of different sizes give {name} of different shapes; use output='cls', 'mean' or "
+                    f"tiles of different sizes give {name} of different shapes; use embedding='cls', 'mean' or "
                     "'cls+mean', or a fixed input_size"
                 )
             arrays[name] = torch.cat(values)[torch.from_numpy(order)]

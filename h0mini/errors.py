@@ -59,7 +59,11 @@ class HubConnectionError(H0miniError, ConnectionError):
 
 
 class InvalidArgumentError(H0miniError, ValueError):
-    """An option that takes one of a few values got another (``output="pooled"``); the message lists them."""
+    """An option that takes one of a few values got another (``embedding="pooled"``); the message lists them."""
+
+
+class UnknownOptionError(InvalidArgumentError, TypeError):
+    """A keyword a function does not take (``embed_tiles(devise="cpu")``); the message lists the valid ones."""
 
 
 class IncompatibleCheckpointError(H0miniError, ValueError):
@@ -98,7 +102,8 @@ class OptionalDependencyError(H0miniError, ImportError):
     def __init__(self, package: str, *, extra: str, feature: str):
         super().__init__(
             f"{feature} needs the package {package!r}, which is not installed. "
-            f"Install it with: pip install 'h0mini[{extra}]'"
+            f"Install it with: pip install 'h0mini[{extra}]' (from a clone of the repository, in its folder: "
+            f"pip install '.[{extra}]')"
         )
         self.package = package
         self.extra = extra

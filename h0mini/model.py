@@ -17,8 +17,9 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 
 from .constants import CONFIG_WARNING_KEY, ENV_WEIGHTS, H0_MINI_ARCH, H0_MINI_REPO_ID, REPO_ARCHS, SWIGLU_MLP_RATIO
 from .errors import IncompatibleCheckpointError, ModelNotFoundError
-from .hub import Checkpoint, PathLike, resolve_checkpoint
+from .hub import Checkpoint, PathLike, resolve_checkpoint, split_revision
 from .onnx_model import is_onnx_source, load_onnx_model
+from .runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,26 @@ def file_sha256(path: PathLike, chunk_size: int = 1 << 22) -> str:
 
 
 def default_weights() -> str:
-    """The weights ``load_model()`` uses when given none: ``$H0MINI_WEIGHTS`` or the Hub repo."""
-    return os.environ.get(ENV_WEIGHTS) or H0_MINI_REPO_ID
+    """The weights ``load_model()`` uses when given none: ``$H0MINI_WEIGHTS`` or the Hub repo.
+
+    A relative ``H0MINI_WEIGHTS`` path is resolved against the current folder, and used (and
+    recorded) as the absolute path; when nothing is there, the error names that folder.
+    """
+    value = os.environ.get(ENV_WEIGHTS)
+    if not value:
+        return H0_MINI_REPO_ID
+    path = Path(value).expanduser()
+    if path.is_absolute() or split_revision(value)[0] is not None:  # an absolute path, or a Hub repo id
+        return value
+    resolved = Path.cwd() / path
+    if not resolved.exists():
+        raise ModelNotFoundError(
+            f"{ENV_WEIGHTS}={value!r} is a relative path, and the current folder {str(Path.cwd())!r} has no "
+            f"{value!r}. Set {ENV_WEIGHTS} to an absolute path (e.g. export {ENV_WEIGHTS}=\"$PWD/{value}\" "
+            "in the folder that holds it), or pass the weights explicitly.",
+            name=value,
+        )
+    return str(resolved.resolve())
 
 
 def load_model(
@@ -90,13 +109,14 @@ def load_model(
     token: Union[str, bool, None] = None,
     cache_dir: Optional[PathLike] = None,
     local_files_only: Optional[bool] = None,
-    device: DeviceLike = None,
+    device: DeviceLike = "auto",
     dtype: DTypeLike = None,
 ) -> torch.nn.Module:
     """Load H0-mini (or another checkpoint of the family) in eval mode.
 
     Args:
         weights: a Hub repo id (default ``"bioptimus/H0-mini"``, or ``$H0MINI_WEIGHTS`` when set),
+            optionally with a revision (``"bioptimus/H0-mini@<commit>"``, timm's ``"hf-hub:..."`` too),
             a local folder in the Hub layout (``config.json`` + ``model.safetensors``), or a single
             weights file (``.safetensors``; ``.bin``/``.pth`` are read with ``weights_only=True``).
         arch: timm architecture to build, overriding ``config.json``. Defaults to the config's
@@ -106,7 +126,8 @@ def load_model(
             Never logged.
         cache_dir: Hub cache folder. Default: huggingface_hub's (``HF_HUB_CACHE``/``HF_HOME``).
         local_files_only: use only the cache, never the network. Default: ``HF_HUB_OFFLINE``.
-        device: where to put the model. Default: CPU.
+        device: where to put the model: ``"auto"`` (default: CUDA when available, else the CPU),
+            ``"cpu"``, ``"cuda:1"``... ``None`` leaves it on the CPU.
         dtype: parameter dtype (``torch.bfloat16``, ``"float16"``...). Default: float32.
 
     Returns:
@@ -145,6 +166,7 @@ def load_model(
     state_dict = read_state_dict(checkpoint.weights_path)
     load_state_dict_strict(model, state_dict, arch_name=arch_name, source=source)
     model.eval()
+    device = resolve_device(device) if device is not None else None
     if device is not None or dtype is not None:
         model.to(device=device, dtype=resolve_dtype(dtype))
     model.h0mini_weights = WeightsInfo(  # type: ignore[attr-defined]
@@ -164,7 +186,7 @@ def _load_export(source: str, *, arch: Optional[str], device: DeviceLike, dtype:
     """An ``h0mini export`` folder: fixed architecture and precision, CPU only (ONNX Runtime's CPU provider)."""
     if arch is not None or resolve_dtype(dtype) not in (None, torch.float32):
         raise ValueError(f"{source!r} is an ONNX export: its architecture and precision are fixed; drop arch= and dtype=")
-    if device is not None and torch.device(device).type != "cpu":
+    if device is not None and str(device) != "auto" and torch.device(device).type != "cpu":
         raise ValueError(f"{source!r} is an ONNX export and runs on the CPU (ONNX Runtime); use device='cpu'")
     model = load_onnx_model(source)
     origin = model.config.get("source", {})

@@ -19,6 +19,8 @@ from typing import Callable, Iterator, Optional, Tuple, Union
 
 import torch
 
+from .wording import say
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "float32": None, "fp16": torch.float16, "float16": torch.float16,
@@ -30,7 +32,8 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available; use device='cpu'")
+        raise ValueError(f"{say('device', '--device')} {str(device)!r} was asked for but CUDA is not available; use "
+                         + say("device='cpu'", "--device cpu"))
     return device
 
 

@@ -88,7 +88,7 @@ def patch_feature_rgb(
 
     Args:
         patch_tokens: ``(P, D)`` for one tile or ``(N, P, D)`` (or a list of ``(P, D)``) for several,
-            as ``embed_tiles(..., output="patch_tokens")`` returns them (numpy or torch).
+            as ``embed_tiles(..., embedding="patch_tokens")`` returns them (numpy or torch).
         grid: patch grid ``(rows, cols)`` or its side; default: a square grid (16 x 16 for 224 px).
         threshold: with ``background="pca"``, patches whose oriented first component (scaled to
             [0, 1] over all tiles) is below it are background. ``None`` masks nothing.
@@ -105,7 +105,7 @@ def patch_feature_rgb(
         ValueError: inconsistent shapes, an unknown rule, or fewer than 3 foreground patches.
 
     Example:
-        >>> tokens = h0mini.embed_tiles(paths, model, output="patch_tokens")  # (7, 256, 768)
+        >>> tokens = h0mini.embed_tiles(paths, model, embedding="patch_tokens")  # (7, 256, 768)
         >>> rgb, mask = patch_feature_rgb(tokens, tiles=paths)
         >>> rgb.shape, mask.shape
         ((7, 16, 16, 3), (7, 16, 16))
@@ -268,7 +268,7 @@ def plot_patch_features(
 
     Args:
         tiles: the tiles (paths, PIL images or uint8 arrays), in the order of ``patch_tokens``.
-        patch_tokens: ``(N, P, D)`` from ``embed_tiles(tiles, model, output="patch_tokens")``.
+        patch_tokens: ``(N, P, D)`` from ``embed_tiles(tiles, model, embedding="patch_tokens")``.
         threshold, background, tile_size: as in :func:`patch_feature_rgb`.
         titles: one per tile; default: file names for paths, else ``tile 0``, ``tile 1``...
         ncols: tile/map pairs per row.
@@ -401,7 +401,7 @@ def _grid(grid: Grid, n_patches: Optional[int]) -> Tuple[int, int]:
         if side * side != n_patches:
             raise ValueError(
                 f"{n_patches} patch tokens do not form a square grid; pass grid=(rows, cols). (With all "
-                "tokens, drop the CLS and register tokens first: embed_tiles(..., output='patch_tokens').)"
+                "tokens, drop the CLS and register tokens first: embed_tiles(..., embedding='patch_tokens').)"
             )
         return side, side
     rows, cols = (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))

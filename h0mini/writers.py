@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import OptionalDependencyError, OutputNotWritableError
+from .wording import say
 
 FORMATS = (".h5", ".hdf5", ".npy", ".pt", ".parquet")
 SLIDE_FEATURES = "slide_features"  # the slide-level vector, beside the tile rows
@@ -91,7 +92,8 @@ def check_format(path: Path, output: str) -> None:
     if suffix not in FORMATS:
         raise ValueError(f"unknown output format {suffix or '(none)'!r} for {str(path)!r}: use one of {', '.join(FORMATS)}")
     if output in MULTI_ARRAY_OUTPUTS and suffix in (".npy", ".parquet"):
-        raise ValueError(f"output={output!r} holds several arrays: write it to .h5 or .pt, not {suffix}")
+        raise ValueError(f"{say(f'embedding={output!r}', f'--embedding {output}')} holds several arrays: write it "
+                         f"to .h5 or .pt, not {suffix}")
     if output == "patch_tokens" and suffix == ".parquet":
         raise ValueError("patch tokens are 3-D: write them to .h5, .npy or .pt, not .parquet")
     if suffix == ".parquet":

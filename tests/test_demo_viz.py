@@ -27,7 +27,7 @@ def patch_tokens(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
     write_checkpoint(folder)
     model = h0mini.load_model(folder)
-    return h0mini.embed_tiles(EXAMPLE_TILES, model, output="patch_tokens", precision="fp32", progress=False)
+    return h0mini.embed_tiles(EXAMPLE_TILES, model, embedding="patch_tokens", precision="fp32", progress=False)
 
 
 @pytest.fixture(scope="module")

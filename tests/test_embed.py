@@ -77,7 +77,7 @@ def test_other_tile_sizes_are_resized_as_the_model_card_does(tiny):
 
 def test_native_size_gives_the_matching_patch_grid(tiny):
     tile = np.asarray(Image.open(EXAMPLE_TILES[0]).convert("RGB").resize((448, 448)))
-    tokens = h0mini.embed_tiles(tile, tiny, output="patch_tokens", input_size="native")
+    tokens = h0mini.embed_tiles(tile, tiny, embedding="patch_tokens", input_size="native")
     assert tokens.shape == (32 * 32, 48)
     with pytest.raises(InvalidTileError, match="multiples of 14"):
         h0mini.embed_tiles(np.zeros((100, 100, 3), np.uint8), tiny, input_size="native")
@@ -143,7 +143,7 @@ def test_a_generator_is_streamed_not_collected(tiny):
             produced.append(i)
             yield np.full((28, 28, 3), i % 251, np.uint8)
 
-    embedder = TileEmbedder(tiny, output="cls", batch_size=64, input_size="native")
+    embedder = TileEmbedder(tiny, embedding="cls", batch_size=64, input_size="native")
     seen = 0
     for batch in embedder.iter_batches(tiles()):
         seen += len(batch.indices)
@@ -153,7 +153,7 @@ def test_a_generator_is_streamed_not_collected(tiny):
 
 def test_results_do_not_hold_the_token_tensors(tiny):
     """Each row owns its memory: a view of the CLS token would pin all 261 tokens per tile."""
-    embedder = TileEmbedder(tiny, output="cls", batch_size=4)
+    embedder = TileEmbedder(tiny, embedding="cls", batch_size=4)
     batch = next(embedder.iter_batches([np.zeros((224, 224, 3), np.uint8)] * 4))
     cls = batch.features["cls"]
     assert cls.untyped_storage().nbytes() == cls.numel() * cls.element_size()
@@ -163,19 +163,19 @@ def test_results_do_not_hold_the_token_tensors(tiny):
 
 
 def test_output_modes_and_registers_never_in_the_mean(tiny, pil_tiles):
-    everything = h0mini.embed_tiles(pil_tiles, tiny, output="all", precision="fp32")
+    everything = h0mini.embed_tiles(pil_tiles, tiny, embedding="all", precision="fp32")
     assert everything["cls"].shape == (5, 48)
     assert everything["registers"].shape == (5, 4, 48)
     assert everything["patch_tokens"].shape == (5, 256, 48)
-    mean = h0mini.embed_tiles(pil_tiles, tiny, output="mean", precision="fp32")
+    mean = h0mini.embed_tiles(pil_tiles, tiny, embedding="mean", precision="fp32")
     np.testing.assert_allclose(mean, everything["patch_tokens"].mean(1), atol=1e-6)
     with_registers = np.concatenate([everything["registers"], everything["patch_tokens"]], 1).mean(1)
     assert np.abs(mean - with_registers).max() > 1e-3
     both = h0mini.embed_tiles(pil_tiles, tiny, precision="fp32")
     np.testing.assert_allclose(both, np.concatenate([everything["cls"], mean], 1), atol=1e-6)
-    cls = h0mini.embed_tiles(pil_tiles, tiny, output="cls", return_tensors=True)
+    cls = h0mini.embed_tiles(pil_tiles, tiny, embedding="cls", return_tensors=True)
     assert isinstance(cls, torch.Tensor) and cls.dtype == torch.float32
-    assert h0mini.embed_tiles(pil_tiles, tiny, dtype="float16").dtype == np.float16
+    assert h0mini.embed_tiles(pil_tiles, tiny, return_dtype="float16").dtype == np.float16
 
 
 def test_default_model_is_loaded_once(monkeypatch, tmp_path, pil_tiles):
@@ -186,7 +186,7 @@ def test_default_model_is_loaded_once(monkeypatch, tmp_path, pil_tiles):
     embed_module._cached_model.cache_clear()
     calls = []
     real = embed_module.load_model
-    monkeypatch.setattr(embed_module, "load_model", lambda w: calls.append(w) or real(w))
+    monkeypatch.setattr(embed_module, "load_model", lambda w, **kw: calls.append(w) or real(w, **kw))
     first = h0mini.embed_tiles(pil_tiles[0])
     second = h0mini.embed_tiles(pil_tiles[0])
     assert calls == [None] and np.array_equal(first, second)
@@ -279,8 +279,8 @@ def test_bad_arrays_are_named(tiny, tile, message):
 
 
 def test_bad_arguments_say_what_is_valid(tiny):
-    with pytest.raises(ValueError, match="output must be one of"):
-        h0mini.embed_tiles(np.zeros((224, 224, 3), np.uint8), tiny, output="pooled")
+    with pytest.raises(ValueError, match="embedding must be one of"):
+        h0mini.embed_tiles(np.zeros((224, 224, 3), np.uint8), tiny, embedding="pooled")
     with pytest.raises(ValueError, match="on_error"):
         h0mini.embed_tiles(np.zeros((224, 224, 3), np.uint8), tiny, on_error="ignore")
     with pytest.raises(InvalidTileError, match="no such file, folder or pattern"):
@@ -351,7 +351,7 @@ def test_a_model_loaded_in_bf16_runs_without_autocast(tiny, pil_tiles):
 def test_stopping_early_stops_the_prefetch_thread(tiny):
     import threading
 
-    embedder = TileEmbedder(tiny, output="cls", batch_size=2)
+    embedder = TileEmbedder(tiny, embedding="cls", batch_size=2)
     batches = embedder.iter_batches(np.zeros((224, 224, 3), np.uint8) for _ in range(40))
     next(batches)
     batches.close()

@@ -131,7 +131,7 @@ def embed_slides(
     mine = chosen.order(specs)
     if device == "auto" and chosen.local_rank is not None and torch.cuda.is_available():
         device = f"cuda:{chosen.local_rank}"
-    embedder = TileEmbedder(model, output=output, device=device, **embedder_options)
+    embedder = TileEmbedder(model, embedding=output, device=device, **embedder_options)
     if slide_pool and embedder.output not in ("cls", "mean", "cls+mean"):
         raise InvalidArgumentError(f"slide_pool='mean' needs vector outputs (cls, mean, cls+mean), not {embedder.output!r}")
     run = _Cohort(out, embedder, job_settings(embedder), chosen, qc=qc, reader=reader, on_error=on_error,

@@ -15,7 +15,9 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
+from ..deprecation import parameter_defaults, take_options
 from ..embed import ModelLike, SkippedTilesWarning, TileEmbedder, collect
+from ..errors import InvalidArgumentError
 from ..job import embed_to_file
 from ..tiles import TileInput
 from ..writers import read_embeddings
@@ -30,7 +32,7 @@ from .tissue import MaskLike
 class SlideEmbeddings:
     """One slide's tile embeddings, in the grid's order (row by row), with their level-0 coordinates."""
 
-    features: Any  # (N, D) array, or a dict of arrays for output="all"
+    features: Any  # (N, D) array, or a dict of arrays for embedding="all"
     coords: np.ndarray  # (N, 2) int64, level-0 top-left x, y
     attributes: Dict[str, Any]  # patch_size, patch_size_level0, level0_mpp, target_mpp, ...
     tile_names: List[str]
@@ -56,13 +58,23 @@ def embed_slide(
     reader: str = "auto",
     allow_upsampling: bool = False,
     slide_pool: Optional[str] = None,
-    output: str = "cls+mean",
+    embedding: str = "cls+mean",
+    batch_size: Optional[int] = None,
+    device: Union[str, "torch.device"] = "auto",
+    precision: str = "auto",
+    num_workers: Union[int, str] = "auto",
+    input_size: Union[int, str, None] = None,
+    compile: bool = False,
+    jpeg_decode: str = "cpu",
     on_error: str = "raise",
     progress: Optional[bool] = None,
     save_every: int = 1024,
     progress_label: Optional[str] = None,
     overwrite: bool = False,
-    **embedder_options: Any,
+    revision: Optional[str] = None,
+    token: Union[str, bool, None] = None,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    **options: Any,
 ) -> SlideEmbeddings:
     """Embed the tissue tiles of one whole-slide image with H0-mini.
 
@@ -76,12 +88,15 @@ def embed_slide(
         mpp, target_mpp, overlap, tissue, min_tissue, reader, allow_upsampling: how the slide is
             tiled; see ``h0mini.tile_slide``. Tiles are the model's input size at ``target_mpp``.
         slide_pool: ``"mean"`` adds the mean of the tile features as ``slide_features``.
-        output, on_error, progress: as in ``h0mini.embed_tiles``.
+        embedding, batch_size, device, precision, num_workers, input_size, compile, jpeg_decode,
+            revision, token, cache_dir: as in ``h0mini.embed_tiles`` (the same names and defaults),
+            when ``model`` is not already a ``TileEmbedder`` (which carries its own).
+        on_error, progress: as in ``h0mini.embed_tiles``.
         save_every: with ``output_path``, save progress every so many tiles.
         overwrite: with ``output_path``, replace saved work made with other settings (else
             ``SettingsMismatchError`` names what differs).
-        **embedder_options: ``batch_size``, ``device``, ``precision``, ``num_workers``, ``compile``
-            (as in ``h0mini.embed_tiles``), when ``model`` is not already a ``TileEmbedder``.
+        **options: only ``output=`` (the previous name of ``embedding``), with a ``DeprecationWarning``;
+            any other name is an ``UnknownOptionError`` listing the valid ones.
 
     Returns:
         ``SlideEmbeddings`` with ``features`` (N, D), ``coords`` (N, 2) and ``attributes``.
@@ -97,7 +112,21 @@ def embed_slide(
     """
     if slide_pool not in (None, "mean"):
         raise ValueError(f"slide_pool must be None or 'mean', got {slide_pool!r}")
-    embedder = model if isinstance(model, TileEmbedder) else TileEmbedder(model, output=output, **embedder_options)
+    embedding = take_options("embed_slide", embed_slide, options, {"embedding": embedding})["embedding"]
+    settings = dict(embedding=embedding, batch_size=batch_size, device=device, precision=precision,
+                    num_workers=num_workers, input_size=input_size, compile=compile, jpeg_decode=jpeg_decode,
+                    revision=revision, token=token, cache_dir=cache_dir)
+    if isinstance(model, TileEmbedder):
+        defaults = parameter_defaults(embed_slide)
+        given = sorted(name for name, value in settings.items() if value != defaults[name])
+        if given:
+            raise InvalidArgumentError(
+                f"embed_slide: model is a TileEmbedder, which carries its own settings; {', '.join(given)} "
+                "would be ignored. Build the TileEmbedder with them, or pass the model itself"
+            )
+        embedder = model
+    else:
+        embedder = TileEmbedder(model, **settings)
     if slide_pool and embedder.output not in ("cls", "mean", "cls+mean"):
         raise ValueError(f"slide_pool='mean' needs vector outputs (cls, mean, cls+mean), not {embedder.output!r}")
     tiles = tile_slide(
