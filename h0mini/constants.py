@@ -29,6 +29,8 @@ REPO_ARCHS = {
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 PYTORCH_NAME = "pytorch_model.bin"
+# Written by `h0mini download --local-dir` beside the files: the repo id and commit they came from.
+SOURCE_NAME = "h0mini_source.json"
 
 # H-optimus-0 normalisation, shared by H0-mini (not ImageNet's).
 MEAN = (0.707223, 0.578729, 0.703617)

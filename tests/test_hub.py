@@ -200,12 +200,12 @@ def test_offline_with_nothing_cached_names_the_way_out(monkeypatch):
 
 
 def test_no_network_with_nothing_cached_is_the_same_clear_error(monkeypatch):
-    # The autouse fixture points the Hub at a closed local port. huggingface_hub retries
-    # refused connections with back-off (about 23 s) before giving up: skip the waiting.
+    # The autouse fixture points the Hub at a closed local port. huggingface_hub would retry the
+    # refused connection with back-off (about 23 s); h0mini classifies its first failure instead.
     import time
 
-    monkeypatch.setattr(time, "sleep", lambda seconds: None)
-    with pytest.raises(errors.WeightsNotCachedError, match="could not be reached"):
+    monkeypatch.setattr(time, "sleep", lambda seconds: pytest.fail("huggingface_hub retried"))
+    with pytest.raises(errors.WeightsNotCachedError, match="127.0.0.1:9 refused the connection"):
         h0mini.load_model(REPO)
 
 
@@ -281,3 +281,36 @@ def test_download_command_honours_hf_endpoint_from_the_environment(hub, tmp_path
     assert result.returncode == 0, result.stderr
     assert f"revision: {'a' * 40}" in result.stdout
     assert str(tmp_path / "home" / "hub") in result.stdout
+
+
+def test_a_downloaded_folder_builds_what_the_repo_id_builds(hub, tmp_path, tiny_folder):
+    import json
+
+    local = tmp_path / "local"
+    assert cli_main(["download", REPO, "--revision", "v1", "--local-dir", str(local)]) == 0
+    record = json.loads((local / "h0mini_source.json").read_text())
+    assert (record["repo_id"], record["revision"], record["weights_file"]) == (REPO, "b" * 40, "model.safetensors")
+    from_folder = h0mini.load_model(local)
+    from_repo = h0mini.load_model(REPO, revision="v1")
+    assert from_folder.h0mini_weights.repo_id == REPO and from_folder.h0mini_weights.revision == "b" * 40
+    assert from_folder.h0mini_weights.arch == from_repo.h0mini_weights.arch
+    assert from_folder.pretrained_cfg.get("hf_hub_id") == from_repo.pretrained_cfg.get("hf_hub_id") == REPO
+    assert same_outputs(from_folder, from_repo)
+
+
+def test_a_revision_can_ride_on_the_repo_id(hub):
+    assert h0mini.load_model(f"{REPO}@v1").h0mini_weights.revision == "b" * 40
+    assert h0mini.load_model(f"hf-hub:{REPO}@v1").h0mini_weights.revision == "b" * 40  # timm's spelling
+    with pytest.raises(errors.InvalidArgumentError, match="was also given"):
+        h0mini.load_model(f"{REPO}@v1", revision="main")
+
+
+def test_download_offline_says_what_to_do_without_a_weights_option_it_lacks(capsys, monkeypatch):
+    import time
+
+    monkeypatch.setattr(time, "sleep", lambda seconds: pytest.fail("huggingface_hub retried"))
+    assert cli_main(["download", REPO]) == 1  # the autouse fixture's Hub is a closed local port
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refused the connection" in err
+    assert "Run `h0mini download` on a machine with internet access" in err
+    assert "pass a local folder: --weights" not in err and "to the other commands as --weights DIR" in err
