@@ -22,6 +22,7 @@ import copy
 import json
 import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
@@ -31,17 +32,19 @@ import torch
 
 from .constants import NUM_PREFIX_TOKENS
 from .embed import embed_tiles
-from .errors import ExportValidationError, InvalidTileError, OptionalDependencyError, OutputNotWritableError
+from .deprecation import take_options
+from .errors import (ExportValidationError, InvalidArgumentError, InvalidTileError, OptionalDependencyError,
+                     OutputNotWritableError)
 from .onnx_model import (CONFIG_FILE, FORMAT, FORMAT_VERSION, INPUT_NAME, MODEL_FILE, OUTPUT_NAME,
                          import_onnxruntime, load_onnx_model)
 from .preprocess import Preprocessing
 from .tiles import read_input
 from .version import __version__
+from .wording import say
 from .writers import atomic_folder, check_writable
 
 logger = logging.getLogger(__name__)
 
-EXAMPLE_TILES = Path(__file__).resolve().parents[1] / "examples" / "tiles"
 QUANTIZATIONS = ("int8",)
 OPSET = 18
 
@@ -53,6 +56,8 @@ INT8_MEAN_COSINE = 0.999
 BATCH_MAX_REL_DIFF = 1e-4
 HELD_OUT_EVERY = 3  # every 3rd tile is held out of calibration
 MIN_INT8_TILES = 6
+# Below this many held-out tiles the int8 gate still runs, but its verdict rests on few tiles: a warning says so.
+MIN_HELD_OUT_TILES = 16
 
 
 @dataclass
@@ -89,25 +94,29 @@ class ExportResult:
 
 def export_onnx(
     model: torch.nn.Module,
-    output: Union[str, os.PathLike],
+    output_dir: Union[str, os.PathLike, None] = None,
     *,
     quantize: Optional[str] = None,
-    tiles: Any = None,
+    calibration: Any = None,
     max_tiles: int = 64,
     opset: int = OPSET,
+    **options: Any,
 ) -> ExportResult:
     """Export ``model`` (a timm ViT of the H0-mini family) to an ONNX folder, validated on real tiles.
 
     Args:
         model: from ``load_model()``; its ``h0mini_weights`` provenance goes into the JSON.
-        output: the folder to create. It must not exist (or be empty); it appears only when every
+        output_dir: the folder to create. It must not exist (or be empty); it appears only when every
             check passed.
         quantize: None (fp32) or ``"int8"`` (static QDQ, written only if it passes the gate).
-        tiles: validation (and, for int8, calibration) tiles: a folder, a list of files, a glob, a
-            uint8 stack... Default: the example tiles shipped with h0mini's sources. For int8 use
-            tiles of your own data: every 3rd is held out of calibration to judge the result.
-        max_tiles: tiles used at most, spread evenly over ``tiles``.
+        calibration: validation (and, for int8, calibration) tiles: a folder, a list of files, a glob,
+            a uint8 stack... Default: the 7 CC0 tiles shipped in the package (``h0mini/data/tiles``),
+            enough to validate fp32. For int8 use tiles of your own data: every 3rd is held out of
+            calibration to judge the result, and fewer than 16 held out (48 tiles) warns.
+        max_tiles: tiles used at most, spread evenly over ``calibration``.
         opset: ONNX opset.
+        **options: only the names of the previous release (``output=``, ``tiles=``), with a
+            ``DeprecationWarning``.
 
     Returns:
         ``ExportResult`` with the folder and the validation figures (also in the folder's JSON).
@@ -122,9 +131,13 @@ def export_onnx(
         >>> h0mini.embed_tiles("tiles/", "h0mini-onnx").shape
         (7, 1536)
     """
+    renamed = take_options("export_onnx", export_onnx, options, {"output_dir": output_dir, "calibration": calibration})
+    output_dir, calibration = renamed["output_dir"], renamed["calibration"]
+    if output_dir is None:
+        raise InvalidArgumentError("export_onnx needs output_dir: the folder to create")
     if quantize not in (None, *QUANTIZATIONS):
         raise ValueError(f"quantize must be None or one of {QUANTIZATIONS}, got {quantize!r}")
-    folder = Path(output)
+    folder = Path(output_dir)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise OutputNotWritableError(f"{str(folder)!r} already exists and is not an empty folder; remove it or pick "
                                      "another output folder")
@@ -132,10 +145,12 @@ def export_onnx(
     import_onnx_packages()
     model = _fp32_cpu(model)
     preprocessing = Preprocessing.from_model(model)
-    pixels = _read_tiles(EXAMPLE_TILES if tiles is None else tiles, preprocessing, max_tiles)
+    with shipped_tiles() as default_tiles:
+        pixels = _read_tiles(default_tiles if calibration is None else calibration, preprocessing, max_tiles)
     if quantize and len(pixels) < MIN_INT8_TILES:
         raise InvalidTileError(f"int8 needs at least {MIN_INT8_TILES} tiles (calibration and held-out), got "
-                               f"{len(pixels)}; pass more tiles of your own data")
+                               f"{len(pixels)}; pass more tiles of your own data with "
+                               + say("calibration=", "--calibration TILES"))
     reference = _embed(model, pixels)
     with atomic_folder(folder) as work:
         config = export_config(model, preprocessing, opset)
@@ -155,6 +170,20 @@ def export_onnx(
         _write_config(work, config)
         (work / "README.md").write_text(export_readme(config))
     return result
+
+
+@contextlib.contextmanager
+def shipped_tiles() -> Iterator[Path]:
+    """The folder of CC0 tiles in the package (``h0mini/data/tiles``), as a real path while in use."""
+    from importlib import resources
+
+    with resources.as_file(resources.files("h0mini.data") / "tiles") as folder:
+        if not folder.is_dir() or not any(folder.glob("*.png")):
+            raise InvalidTileError(
+                f"the calibration tiles shipped with h0mini are missing from {str(folder)!r} (a broken install?); "
+                "pass tiles of your own with " + say("calibration=", "--calibration TILES")
+            )
+        yield folder
 
 
 def import_onnx_packages() -> None:
@@ -178,9 +207,13 @@ def _fp32_cpu(model: torch.nn.Module) -> torch.nn.Module:
 
 def _read_tiles(tiles: Any, preprocessing: Preprocessing, max_tiles: int) -> torch.Tensor:
     """Tiles at the model's input size as a float (N, 3, H, W) batch in [0, 1]."""
-    items = list(read_input(tiles).items)
+    option = say("calibration=", "--calibration")
+    try:
+        items = list(read_input(tiles).items)
+    except InvalidTileError as error:
+        raise InvalidTileError(f"{option} {error}") from error
     if not items:
-        raise InvalidTileError(f"no tiles in {tiles!r}; pass a folder or list of image tiles")
+        raise InvalidTileError(f"no tiles in {tiles!r}; pass a folder or list of image tiles as {option}")
     if len(items) > max_tiles:
         items = [items[int(i)] for i in np.linspace(0, len(items) - 1, max_tiles).round()]
     batch = []
@@ -196,7 +229,7 @@ def _read_tiles(tiles: Any, preprocessing: Preprocessing, max_tiles: int) -> tor
 
 def _embed(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 8) -> Dict[str, np.ndarray]:
     """``cls`` and ``cls+mean`` (and all tokens) through ``embed_tiles``, the path users run."""
-    out = embed_tiles(pixels, model, output="all", precision="fp32", device="cpu", batch_size=batch_size,
+    out = embed_tiles(pixels, model, embedding="all", precision="fp32", device="cpu", batch_size=batch_size,
                       num_workers=0, progress=False)
     tokens = np.concatenate([out["cls"][:, None], out["registers"], out["patch_tokens"]], axis=1)
     return {"cls": out["cls"], "cls+mean": np.concatenate([out["cls"], out["patch_tokens"].mean(1)], 1),
@@ -252,6 +285,14 @@ def _quantize_and_gate(work: Path, pixels: torch.Tensor, reference: Dict[str, np
                        preprocessing: Preprocessing, config: Dict[str, Any]) -> Validation:
     """Quantise, then judge on held-out tiles; if a bar fails, retry with the MLP output projections in float."""
     calibration, held_out = split_held_out(len(pixels))
+    if len(held_out) < MIN_HELD_OUT_TILES:
+        warnings.warn(
+            f"the int8 gate judges on {len(held_out)} held-out tiles (of {len(pixels)}; one tile in {HELD_OUT_EVERY} "
+            f"is held out), fewer than the {MIN_HELD_OUT_TILES} it needs to say much: pass at least "
+            f"{MIN_HELD_OUT_TILES * HELD_OUT_EVERY} tiles of your own data with "
+            + say("calibration=", "--calibration TILES") + " (and --max-tiles if more than 64)",
+            UserWarning, stacklevel=3,
+        )
     normalised = preprocessing.normalize(pixels[calibration].clone()).numpy()
     fp32_path = work / "model.fp32.onnx"
     os.replace(work / MODEL_FILE, fp32_path)

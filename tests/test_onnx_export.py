@@ -42,7 +42,10 @@ def int8_export(tmp_path_factory):
     """A 2-block model of the full H0-mini width: int8 passes the gate on it, as on the full model."""
     model = random_model("h0_mini", depth=2)
     folder = tmp_path_factory.mktemp("int8") / "export"
-    return model, folder, export_onnx(model, folder, quantize="int8")
+    # The 7 shipped tiles hold out 2: the gate still judges, and says how few it had.
+    with pytest.warns(UserWarning, match=r"the int8 gate judges on 2 held-out tiles \(of 7.*at least 48 tiles"):
+        result = export_onnx(model, folder, quantize="int8")
+    return model, folder, result
 
 
 def test_export_folder_describes_the_model_for_use_without_h0mini(tiny):
@@ -70,8 +73,8 @@ def test_onnx_folder_embeds_like_torch_through_the_same_api(tiny):
     onnx_model = h0mini.load_model(folder)
     assert isinstance(onnx_model, OnnxModel)
     for output in ("cls+mean", "cls", "patch_tokens"):
-        np.testing.assert_allclose(h0mini.embed_tiles(TILES, folder, output=output, progress=False),
-                                   torch_embed(model, output=output), atol=1e-4)
+        np.testing.assert_allclose(h0mini.embed_tiles(TILES, folder, embedding=output, progress=False),
+                                   torch_embed(model, embedding=output), atol=1e-4)
     one = h0mini.embed_tiles(TILES[0], onnx_model, progress=False)
     assert one.shape == (2 * model.num_features,)
 
@@ -132,7 +135,7 @@ def test_corrupt_missing_or_foreign_onnx_files_give_named_errors(tiny, tmp_path)
         h0mini.load_model(lone)
 
     other = tmp_path / "other"
-    export_onnx(random_model("h0mini_test", embed_dim=96), other, tiles=TILES[:2])
+    export_onnx(random_model("h0mini_test", embed_dim=96), other, calibration=TILES[:2])
     swapped = tmp_path / "swapped"
     shutil.copytree(folder, swapped)
     shutil.copy(other / MODEL_FILE, swapped / MODEL_FILE)
@@ -192,7 +195,7 @@ def test_export_cli_validates_prints_and_refuses_without_traceback(tmp_path, cap
 @pytest.mark.slow
 def test_full_size_h0_mini_exports_and_matches_torch(tmp_path):
     model = make_model("h0_mini")
-    result = export_onnx(model, tmp_path / "export", tiles=TILES[:2])
+    result = export_onnx(model, tmp_path / "export", calibration=TILES[:2])
     assert result.fp32.max_rel_token_diff < 1e-4 and result.fp32.min_cosine["cls+mean"] > 0.99999
     config = json.loads((tmp_path / "export" / CONFIG_FILE).read_text())
     assert config["output"]["shape"] == ["batch", 261, 768]

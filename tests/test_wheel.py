@@ -1,4 +1,5 @@
-"""The wheel a user installs: every package-data file inside, and it embeds outside the source tree."""
+"""The wheel a user installs: every data file of the package inside, and it embeds and exports outside the
+source tree."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import pytest
 
 from helpers import EXAMPLE_TILES, ROOT, write_checkpoint
 
-# The package-data patterns of pyproject.toml, as the files they match in this checkout.
-PACKAGE_DATA = {
-    "h0mini": ["py.typed"],
-    "h0mini/distill": ["configs/*.yaml"],
-    "h0mini/eval/plism": ["data/*.npy", "data/ATTRIBUTION.md"],
-}
+
+def package_data_files():
+    """Every file of the package folder in this checkout that is not Python source: each must ship."""
+    return {
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "h0mini").rglob("*")
+        if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts
+    }
 
 
 @pytest.fixture(scope="module")
@@ -41,22 +44,24 @@ def wheel(tmp_path_factory):
 @pytest.mark.slow
 def test_the_wheel_carries_every_package_data_file(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {
-        (path.relative_to(ROOT)).as_posix()
-        for package, patterns in PACKAGE_DATA.items()
-        for pattern in patterns
-        for path in (ROOT / package).glob(pattern)
-    }
-    assert len(expected) >= 5  # configs, plism subsets, the attribution: the globs found files
+    expected = package_data_files()
+    assert {"h0mini/py.typed", "h0mini/data/ATTRIBUTION.md"} <= expected  # the walk found the data files
+    assert any(name.startswith("h0mini/data/tiles/") for name in expected)
     assert expected <= names, sorted(expected - names)
     assert any(name.endswith("entry_points.txt") for name in names)
 
 
-@pytest.mark.slow
-def test_the_installed_wheel_embeds_a_tile_outside_the_source_tree(wheel, tmp_path):
-    target = tmp_path / "site"
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory):
+    target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(target), str(wheel)],
                    check=True)
+    return target
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_embeds_a_tile_outside_the_source_tree(installed, tmp_path):
+    target = installed
     weights = tmp_path / "weights"
     write_checkpoint(weights)
     shutil.copy(EXAMPLE_TILES[0], tmp_path / "tile.png")
@@ -74,3 +79,19 @@ def test_the_installed_wheel_embeds_a_tile_outside_the_source_tree(wheel, tmp_pa
 
     with h5py.File(tmp_path / "out.h5") as f:
         assert f["features"].shape == (1, 96)
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_exports_with_the_tiles_it_carries(installed, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    weights = tmp_path / "weights"
+    write_checkpoint(weights)
+    env = dict(os.environ, PYTHONPATH=str(installed), HF_HUB_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "h0mini", "export", "-o", "onnx", "--weights", str(weights)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ONNX Runtime fp32 vs torch fp32 on 7 tiles" in done.stdout  # the 7 shipped calibration tiles
+    assert (tmp_path / "onnx" / "model.onnx").is_file()
