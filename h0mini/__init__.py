@@ -2,7 +2,9 @@
 
 ``import h0mini`` registers the architectures with timm (``h0_mini``,
 ``h_optimus_0``, ``h_optimus_1``, ``h0mini_test``) and does nothing else: no
-network, no CUDA, no output.
+network, no CUDA, no output. In the ``h0mini`` command's own process the public
+names load on first use instead, so that the command parses its arguments before
+torch is imported (seconds) and a usage error comes back at once.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from . import interrupt as _interrupt
 if _interrupt.started_as_command():  # before torch's seconds of importing: Ctrl-C gives one line, 130
     _interrupt.exit_on_interrupt()
 
-from . import registry as _registry  # noqa: F401  (registers the timm entrypoints)
 from .errors import (
     EvaluationInputError,
     ExportValidationError,
@@ -30,12 +31,35 @@ from .errors import (
     RevisionNotFoundError,
     SettingsMismatchError,
     SlideError,
+    UnknownOptionError,
     WeightsNotCachedError,
 )
-from .embed import SkippedTile, SkippedTilesWarning, TileEmbedder, embed_tiles
-from .model import WeightsInfo, load_model
-from .wsi import SlideEmbeddings, SlideTiles, embed_slide, embed_slides, tile_slide
 from .version import __version__
+
+# Public names that import torch, and the module of each.
+_HEAVY = {
+    "SkippedTile": "embed", "SkippedTilesWarning": "embed", "TileEmbedder": "embed", "embed_tiles": "embed",
+    "WeightsInfo": "model", "load_model": "model",
+    "SlideEmbeddings": "wsi", "SlideTiles": "wsi", "embed_slide": "wsi", "embed_slides": "wsi", "tile_slide": "wsi",
+}
+
+if _interrupt.started_as_command():
+
+    def __getattr__(name: str):  # PEP 562: the command's own process loads these on first use
+        if name not in _HEAVY:
+            raise AttributeError(f"module 'h0mini' has no attribute {name!r}")
+        import importlib
+
+        importlib.import_module(".registry", __name__)
+        value = getattr(importlib.import_module(f".{_HEAVY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+
+else:
+    from . import registry as _registry  # noqa: F401  (registers the timm entrypoints)
+    from .embed import SkippedTile, SkippedTilesWarning, TileEmbedder, embed_tiles
+    from .model import WeightsInfo, load_model
+    from .wsi import SlideEmbeddings, SlideTiles, embed_slide, embed_slides, tile_slide
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -60,6 +84,7 @@ __all__ = [
     "HubConnectionError",
     "IncompatibleCheckpointError",
     "InvalidArgumentError",
+    "UnknownOptionError",
     "InvalidTileError",
     "OptionalDependencyError",
     "EvaluationInputError",

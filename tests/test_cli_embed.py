@@ -43,7 +43,7 @@ def embed(*args):
 
 
 def expected_features(checkpoint, paths, output="cls+mean"):
-    return h0mini.embed_tiles([str(p) for p in paths], h0mini.load_model(checkpoint), output=output, precision="fp32")
+    return h0mini.embed_tiles([str(p) for p in paths], h0mini.load_model(checkpoint), embedding=output, precision="fp32")
 
 
 def test_h5_holds_features_names_coords_and_provenance(checkpoint, tiles, tmp_path, capsys):
@@ -86,12 +86,10 @@ def test_other_formats_hold_the_same_numbers(checkpoint, tiles, tmp_path, suffix
 
 
 def test_all_outputs_go_to_h5_and_not_to_npy(checkpoint, tiles, tmp_path):
-    assert embed(tiles, "-o", tmp_path / "all.h5", "--weights", checkpoint, "--output-mode", "all") == 0
+    assert embed(tiles, "-o", tmp_path / "all.h5", "--weights", checkpoint, "--embedding", "all") == 0
     with h5py.File(tmp_path / "all.h5") as f:
         assert f["cls"].shape == (7, 48) and f["registers"].shape == (7, 4, 48) and f["patch_tokens"].shape == (7, 256, 48)
-    with pytest.raises(SystemExit) as info:
-        embed(tiles, "-o", tmp_path / "all.npy", "--weights", checkpoint, "--output-mode", "all")
-    assert info.value.code == 2
+    assert embed(tiles, "-o", tmp_path / "all.npy", "--weights", checkpoint, "--embedding", "all") == 2
 
 
 def test_an_interrupted_run_resumes_with_only_the_missing_tiles(checkpoint, tiles, tmp_path, monkeypatch):
@@ -214,9 +212,7 @@ def test_a_bad_tile_found_on_resume_is_named_by_its_input_position(checkpoint, t
 @pytest.mark.parametrize("option", [["--input-size", "100"], ["--device", "foo"], ["--batch-size", "0"],
                                     ["--num-workers", "-1"], ["--input-size", "big"]])
 def test_bad_options_are_usage_errors(checkpoint, tiles, tmp_path, option):
-    with pytest.raises(SystemExit) as info:
-        embed(tiles, "-o", tmp_path / "f.h5", "--weights", checkpoint, *option)
-    assert info.value.code == 2
+    assert embed(tiles, "-o", tmp_path / "f.h5", "--weights", checkpoint, *option) == 2
 
 
 def test_an_unwritable_output_is_a_one_line_error(checkpoint, tiles, tmp_path, capsys):

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import h0mini
-import h0mini.cli.embed
+import h0mini.model
 import h0mini.testing
 from h0mini.errors import GatedModelError, InvalidTileError, OutputNotWritableError
 from h0mini.writers import read_embeddings
@@ -47,7 +47,7 @@ def _no_model(*args, **kwargs):
 
 @pytest.mark.parametrize("case", ["existing folder", "parent is a file", "read-only folder"])
 def test_an_unwritable_output_fails_before_the_model_loads(case, tiles, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(h0mini.cli.embed, "load_model", _no_model)
+    monkeypatch.setattr(h0mini.model, "load_model", _no_model)  # the command imports it late
     if case == "existing folder":
         out = tmp_path / "features.h5"
         out.mkdir()

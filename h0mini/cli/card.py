@@ -8,11 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..card import render_model_card
-from ..model import load_model
-from ..writers import atomic_path, check_writable
-from . import add_weights_arguments
 from ..errors import shown
+from . import add_weights_arguments, result, usage_error, weights_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -39,17 +36,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     output: Optional[Path] = None if args.output == "-" else Path(args.output)
     if output is not None and output.exists() and not args.force:
-        args.parser.error(f"{output} exists; pass --force to overwrite it")
+        usage_error(f"{shown(output)} exists; pass --force to overwrite it")
     training = _read_training(args.training, args.parser)
+    from ..card import render_model_card
+    from ..model import load_model
+    from ..writers import atomic_path, check_writable
+
     if output is not None:
         check_writable(output)
-    model = load_model(
-        args.weights,
-        revision=args.revision,
-        token=args.token,
-        cache_dir=args.cache_dir,
-        local_files_only=True if args.offline else None,
-    )
+    model = load_model(args.weights, device="cpu", **weights_options(args))
     cfg: Dict[str, Any] = dict(getattr(model, "pretrained_cfg", None) or {})
     text = render_model_card(
         model.h0mini_weights.as_dict(),
@@ -65,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with atomic_path(output) as tmp:
         tmp.write_text(text, encoding="utf-8")
-    print(f"{shown(output)}: model card for {model.h0mini_weights.source}")
+    result(args, f"{shown(output)}: model card for {model.h0mini_weights.source}")
     return 0
 
 

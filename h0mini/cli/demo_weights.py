@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..constants import DEMO_WEIGHTS_LABEL, H0_MINI_ARCH
 from ..errors import shown
+from . import result, usage_error
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             f"--weights DIR (or H0MINI_WEIGHTS=DIR) to any command. {DEMO_WEIGHTS_LABEL.capitalize()}: the config, "
             "the card and every output's provenance say so, and loading it warns."
         ),
-        epilog="example: h0mini demo-weights ./h0mini-demo && h0mini embed examples/tiles -o demo.h5 --weights ./h0mini-demo",
+        epilog="example: h0mini demo-weights h0mini-demo && h0mini embed examples/tiles -o demo.h5 --weights h0mini-demo",
     )
     parser.add_argument("folder", type=Path, help="folder to write (created; must not hold a checkpoint already)")
     parser.add_argument("--arch", default=H0_MINI_ARCH, help=f"architecture (default: {H0_MINI_ARCH})")
@@ -32,8 +33,9 @@ def run(args: argparse.Namespace) -> int:
     from ..testing import write_demo_weights  # builds an 86M-parameter model: imported only when asked
 
     if (args.folder / "model.safetensors").exists() and not args.force:
-        args.parser.error(f"{args.folder} already holds model.safetensors; pass --force to overwrite it")
+        usage_error(f"{shown(args.folder)} already holds model.safetensors; pass --force to overwrite it")
     folder = write_demo_weights(args.folder, arch=args.arch, seed=args.seed)
-    print(f"{shown(folder)}: {args.arch} checkpoint with {DEMO_WEIGHTS_LABEL}")
-    print(f"next: h0mini embed TILES -o embeddings.h5 --weights {folder}   (or export H0MINI_WEIGHTS={folder})")
+    absolute = shown(Path(folder).resolve())
+    result(args, f"{shown(folder)}: {args.arch} checkpoint with {DEMO_WEIGHTS_LABEL}")
+    result(args, f"next: h0mini embed TILES -o embeddings.h5 --weights {absolute}   (or export H0MINI_WEIGHTS={absolute})")
     return 0

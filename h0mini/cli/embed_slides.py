@@ -5,17 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..embed import OUTPUTS
-from ..model import load_model
-from ..runtime import resolve_device
-from ..writers import check_writable
-from ..wsi.claims import CLAIM_TIMEOUT
-from ..wsi.cohort import embed_slides
-from ..wsi.grid import MIN_TISSUE, TARGET_MPP
-from ..wsi.reader import READERS
-from ..wsi.shard import resolve_shard
-from . import add_weights_arguments, batch_size_help
 from ..errors import shown
+from . import add_embedding_arguments, add_weights_arguments, check_device, parse_embedding_arguments, usage_error
+from .choices import CLAIM_TIMEOUT, MIN_TISSUE, READERS, TARGET_MPP
+from .paths import check_output_folder
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "the tiles with tissue, embed them with H0-mini and write OUTPUT_DIR/<slide>.h5 (features, coords "
             "at level 0 and the attributes TRIDENT/CLAM readers expect), a QC picture per slide and "
             "summary.csv. Rerunning skips finished slides and resumes a half-done one. Needs "
-            "pip install 'h0mini[wsi]'."
+            "pip install 'h0mini[wsi]' (from a clone: pip install '.[wsi]')."
         ),
         epilog=(
             "examples:\n"
@@ -54,16 +47,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tiling.add_argument("--reader", default="auto", choices=READERS, help="slide library (default: auto)")
     tiling.add_argument("--allow-upsampling", action="store_true", help="accept a target finer than the slide's finest level")
     tiling.add_argument("--no-qc", action="store_true", help="do not write the QC pictures")
-    run_group = parser.add_argument_group("embedding")
-    run_group.add_argument("--output-mode", default="cls+mean", choices=OUTPUTS, help="what to store (default: cls+mean)")
+    run_group = add_embedding_arguments(parser, device_help="; LOCAL_RANK under torchrun",
+                                        workers_help="tile-reading worker processes")
     run_group.add_argument("--slide-pool", default=None, choices=("mean",), help="also store the mean of the tile features")
-    run_group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1... (default: auto; LOCAL_RANK under torchrun)")
-    run_group.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-    run_group.add_argument("--batch-size", type=int, default=None, help=batch_size_help())
-    run_group.add_argument("--num-workers", default="auto", help="tile-reading worker processes (default: auto)")
     run_group.add_argument("--on-error", default="raise", choices=("raise", "skip"),
                            help="on an unreadable tile: fail that slide (the others go on), or skip the tile")
-    run_group.add_argument("--compile", action="store_true", help="torch.compile the model (see h0mini embed --help)")
     run_group.add_argument("--save-every", type=int, default=1024, metavar="N", help="save progress every N tiles")
     run_group.add_argument("--shard", default=None, metavar="K/N",
                            help="embed only shard K of N (0-based). Default: start with this process's share under "
@@ -82,27 +70,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import signal
 
-    from ..wsi.cohort import _check_tiling_arguments
+    parse_embedding_arguments(args)  # before torch loads
+    from ..model import load_model
+    from ..writers import check_writable
+    from ..wsi.cohort import _check_tiling_arguments, embed_slides
     from ..wsi.manifest import slide_specs
+    from ..wsi.shard import resolve_shard
 
+    num_workers = args.num_workers
     try:  # every usage error before the model loads
         shard = resolve_shard(args.shard)
-        num_workers = args.num_workers if args.num_workers == "auto" else int(args.num_workers)
-        if args.batch_size is not None and args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.save_every < 1:
             raise ValueError(f"--save-every must be >= 1, got {args.save_every}")
         if args.claim_timeout <= 0:
             raise ValueError(f"--claim-timeout must be > 0 seconds, got {args.claim_timeout}")
         _check_tiling_arguments(args.mpp, args.target_mpp, args.overlap, args.min_tissue)
-        if args.slide_pool and args.output_mode not in ("cls", "mean", "cls+mean"):
-            raise ValueError(f"--slide-pool needs --output-mode cls, mean or cls+mean, not {args.output_mode}")
-        resolve_device(args.device)
+        if args.slide_pool and args.embedding not in ("cls", "mean", "cls+mean"):
+            raise ValueError(f"--slide-pool needs --embedding cls, mean or cls+mean, not {args.embedding}")
     except ValueError as error:
-        args.parser.error(_flags(str(error).splitlines()[0]))
+        usage_error(_flags(str(error).splitlines()[0]))
+    check_device(args.device)
     specs = slide_specs(args.slides, mpp=args.mpp)  # bad paths, manifest rows, name clashes: before the model
     from pathlib import Path
 
+    check_output_folder(Path(args.output_dir), "-o")
     check_writable(Path(args.output_dir), folder=True)
     _show_slides_in_the_log(quiet=args.quiet)
     model = load_model(
@@ -115,9 +106,10 @@ def run(args: argparse.Namespace) -> int:
             specs, model, output_dir=args.output_dir, shard=shard, qc=not args.no_qc, mpp=args.mpp,
             target_mpp=args.target_mpp, overlap=args.overlap, tissue=None if args.tissue == "none" else "otsu",
             min_tissue=args.min_tissue, reader=args.reader, allow_upsampling=args.allow_upsampling,
-            slide_pool=args.slide_pool, output=args.output_mode, on_error=args.on_error, save_every=args.save_every,
+            slide_pool=args.slide_pool, output=args.embedding, on_error=args.on_error, save_every=args.save_every,
             overwrite=args.overwrite, claim_timeout=args.claim_timeout, device=args.device,
             precision=args.precision, batch_size=args.batch_size, num_workers=num_workers, compile=args.compile,
+            input_size=args.input_size, jpeg_decode=args.jpeg_decode,
             progress=False if args.quiet else None,
         )
     finally:

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import EvaluationInputError, shown
-from ..writers import check_writable
-from . import batch_size_help
+from . import batch_size_help, check_device, result
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -99,8 +98,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tiles is not None and args.max_tiles < 1:
         parser.error("--max-tiles must be >= 1")
 
+    check_device(args.device)
     import h0mini
     from ..eval.report import load_tiles, robustness_report
+    from ..writers import check_writable
 
     # Bad paths fail before any model loads; only the tiles kept by --max-tiles are decoded.
     images, names = load_tiles(args.tiles, max_tiles=args.max_tiles)
@@ -111,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     for label, w in zip(labels, weights):
         model = h0mini.load_model(
             w,
+            device=args.device,
             revision=args.revision,
             token=args.token,
             cache_dir=args.cache_dir,
@@ -127,13 +129,13 @@ def run(args: argparse.Namespace) -> int:
         ks=ks,
         n_examples=args.examples,
         tile_names=names,
-        progress=args.progress,
+        progress=False if args.quiet else args.progress,
     )
     summary = report.summary()
     columns = ["model", "perturbation", "setting", "cosine_similarity"] + [f"top_{k}_accuracy" for k in ks]
-    print(f"strongest setting of each perturbation ({len(images)} tiles):")
-    print(summary[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"report: {shown(Path(args.output) / 'report.md')}")
+    result(args, f"strongest setting of each perturbation ({len(images)} tiles):")
+    result(args, summary[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    result(args, f"report: {shown(Path(args.output) / 'report.md')}")
     return 0
 
 
@@ -144,7 +146,7 @@ def _embed_fn(model, args: argparse.Namespace) -> Callable:
         return h0mini.embed_tiles(
             images,
             model=model,
-            output="cls",
+            embedding="cls",
             batch_size=args.batch_size,
             device=args.device,
             precision=args.precision,
