@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import h5py
 import numpy as np
@@ -493,3 +494,16 @@ def test_float32_duplicate_tiles_tie_goes_to_the_match():
         want = ((ranks[:n] < k).mean() + (ranks[n:] < k).mean()) / 2
         assert got[f"top_{k}_accuracy"] == want, k
     assert got["top_3_accuracy"] > 0  # duplicates do not hide every match
+
+
+def test_identical_slides_warn_that_float16_ties_halve_top_1_and_point_to_float32():
+    from h0mini.eval.plism import pair_metrics
+
+    features = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    with pytest.warns(UserWarning, match=r"identical float16 features.*precision='float32'"):
+        half = pair_metrics(features, features.copy(), ks=(1,))
+    assert half["top_1_accuracy"] < 0.75  # plism-benchmark's own tie behaviour, kept as the default
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning in float32, and a distinct pair never warns
+        assert pair_metrics(features, features.copy(), ks=(1,), precision="float32")["top_1_accuracy"] == 1.0
+        pair_metrics(features, features + 0.01, ks=(1,))

@@ -1,4 +1,4 @@
-"""The distillation losses, one job each, written from the DINOv2 recipe (REFERENCE.md section 3).
+"""The distillation losses, one job each, written from the DINOv2 recipe (Oquab et al., arXiv 2304.07193).
 
 - ``sinkhorn_knopp``: teacher targets with balanced prototype use; every sum is
   all-reduced, so N ranks compute exactly what one rank would on the global batch.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Sequence, Tuple, Union
 
 import numpy as np
@@ -52,6 +53,7 @@ def pair_metrics(
         first = float16.prepare_half(a, name=names[0], device=device)
         second = float16.prepare_half(b, name=names[1], device=device)
         check_same_shape(first.half.shape, second.half.shape, names)
+        warn_if_identical(first.half, second.half, names)
         ks = check_ks(ks, first.half.shape[0])
         for slide in (first, second):
             float16.within_slide_top(slide, max(ks), chunk_size)
@@ -64,6 +66,19 @@ def pair_metrics(
         for slide in (unit_a, unit_b):
             float32.within_slide_top(slide, max(ks), chunk_size)
         return float32.metrics_from_ranks(*float32.pair_ranks(unit_a, unit_b, chunk_size), ks)
+
+
+def warn_if_identical(a: "np.ndarray", b: "np.ndarray", names: Tuple[str, str], stacklevel: int = 3) -> None:
+    """float16 mode: two slides with identical features score about 0.5 top-1, by plism-benchmark's own ties."""
+    if a.shape == b.shape and np.array_equal(a, b):
+        warnings.warn(
+            f"slides {names[0]!r} and {names[1]!r} have identical float16 features: in plism-benchmark's float16 "
+            "arithmetic (the default, kept for leaderboard numbers) each tile ties with its own copy and the "
+            "benchmark drops one of the two, so top-1 accuracy comes out near 0.5, not 1. Pass "
+            "precision='float32' (float32 arithmetic; a tie goes to the matched tile) to score identical slides as 1",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def cosine_similarity(a: ArrayLike, b: ArrayLike, *, precision: str = "float16") -> float:

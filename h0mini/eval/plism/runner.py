@@ -14,6 +14,7 @@ from ..common import progress_bar, resolve_device
 from . import float16, float32
 from .files import PathLike, find_feature_files
 from .inputs import check_ks, check_precision
+from .pairs import warn_if_identical
 from .names import SLIDE_PATTERN, TOP_K, metric_names, slide_pairs
 from .registration import SlideStore
 from .subsets import TilesArg, resolve_tiles
@@ -123,6 +124,7 @@ def evaluate_slides(
             for a, b in _blocked_pairs(names, block):
                 slide_a, slide_b = store.get(a), store.get(b)
                 if precision == "float16":
+                    warn_if_identical(slide_a.half, slide_b.half, (a, b), stacklevel=2)
                     metrics = float16.pair_metrics_half(slide_a, slide_b, ks, chunk_size)
                 else:
                     metrics = float32.metrics_from_ranks(*float32.pair_ranks(slide_a, slide_b, chunk_size), ks)
