@@ -32,7 +32,7 @@ from .errors import MissingRowsError, SettingsMismatchError, InvalidTileError, s
 from .tiles import LazyTile, TileInput, TileRef, expand_path
 from .version import __version__
 from .writers import (Embeddings, RowBlocks, atomic_path, check_format, check_writable, raise_if_disk_full,
-                      read_embeddings, read_provenance, write_embeddings)
+                      read_embeddings, read_provenance, remove_stale_temp, write_embeddings)
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +241,8 @@ class OutputJob:
         self.names = ["cls", "registers", "patch_tokens"] if embedder.output == "all" else [embedder.output]
         self.parts = PartStore(self.path.with_name(self.path.name + ".parts"), settings)
         self._existing = False
+        remove_stale_temp(self.path)  # a writer killed mid-write left its temporary file
+        self.parts.remove_stale_temp()
         if overwrite:
             self.parts.remove()
         else:
@@ -428,9 +430,11 @@ class PartStore:
                 np.savez(f, tile_names=np.array(self._names), **{k: np.concatenate(v) for k, v in self._arrays.items()})
         self._names, self._arrays = [], {}
 
-    def discard(self) -> None:
-        """Forget the rows not yet flushed."""
-        self._names, self._arrays = [], {}
+    def remove_stale_temp(self) -> None:
+        """Delete the temporary files of part writers that were killed."""
+        for leftover in list(self.folder.glob(".part-*.tmp")) if self.folder.exists() else []:
+            final = self.folder / leftover.name[1:].rsplit(".", 2)[0]
+            remove_stale_temp(final)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -149,7 +149,10 @@ def _show_slides_in_the_log(*, quiet: bool) -> None:
     import logging
 
     log = logging.getLogger("h0mini.wsi.cohort")
-    if quiet:
+    if quiet:  # errors still reach stderr through the h0mini logger
+        log.handlers[:] = []
+        log.setLevel(logging.NOTSET)
+        log.propagate = True
         return
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -2,8 +2,9 @@
 
 Each process updates the rows of the slides it finished, under an exclusive ``flock`` on
 ``.summary.lock`` (read, merge, atomic rename), so concurrent writers never lose each other's
-rows. A row says what became of the slide the last time anyone looked: a slide embedded by one
-process and reported "claimed by another process" by a second keeps its "done" row.
+rows. A row says what became of the slide the last time anyone looked, except that a slide's
+"done" row (when, where, how long) is never replaced by a later "already done" or "claimed by
+another process".
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def update_summary(output_dir: Path, statuses: List[SlideStatus]) -> Path:
         for status in statuses:
             key = status.name or status.slide
             old = rows.get(key)
-            if status.status == CLAIMED and old is not None and old.get("status") != CLAIMED:
-                continue  # the owner's own row says more
+            if old is not None and (status.status == CLAIMED and old.get("status") != CLAIMED
+                                    or status.status == ALREADY_DONE and old.get("status") == DONE):
+                continue  # the row of the run that embedded it says more (when, where, how long)
             rows[key] = {k: str(getattr(status, k)) for k in FIELDS}
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=FIELDS, extrasaction="ignore")

@@ -1,0 +1,462 @@
+"""Cohorts: many slides, several real processes on one folder, kill -9 and rerun, claims, manifests, resume rules."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import h0mini
+from h0mini.cli import main
+from h0mini.errors import SettingsMismatchError
+from h0mini.wsi import ManifestError, SlideSpec, read_manifest, resolve_shard
+from h0mini.wsi.claims import Claims, Owner, _read
+from h0mini.wsi.summary import SlideStatus, read_summary, update_summary
+from h0mini.writers import check_writable, read_embeddings
+from helpers import SLIDE, write_checkpoint
+
+tifffile = pytest.importorskip("tifffile")
+pytest.importorskip("openslide")
+pytest.importorskip("scipy")
+
+RUN = ["--tissue", "none", "--num-workers", "0", "--batch-size", "1", "--precision", "fp32", "--no-qc"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    write_checkpoint(folder)
+    return folder
+
+
+def write_slide(path: Path, seed: int, size: int = 448, mpp: float = 0.5) -> Path:
+    """A small tiled TIFF at ``mpp`` cut from the CC0 slide's tissue (each seed a different place)."""
+    image = Image.open(SLIDE)
+    image.seek(0)
+    pixels = np.asarray(image.convert("RGB"))
+    x, y = 300 + (seed * 97) % 1300, 300 + (seed * 131) % 2000
+    tifffile.imwrite(path, pixels[y:y + size, x:x + size].copy(), tile=(256, 256), compression="zlib",
+                     photometric="rgb", resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cohort")
+    for i in range(12):
+        write_slide(folder / f"slide{i:02d}.tif", i)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(cohort, checkpoint, tmp_path_factory):
+    """One uninterrupted single-process run: what every other run must reproduce exactly."""
+    out = tmp_path_factory.mktemp("reference")
+    assert main(["embed-slides", str(cohort), "-o", str(out), "--weights", str(checkpoint), *RUN, "-q"]) == 0
+    return out
+
+
+def command(cohort: Path, out: Path, checkpoint: Path, *extra: str) -> list:
+    return [sys.executable, "-m", "h0mini", "embed-slides", str(cohort), "-o", str(out), "--weights",
+            str(checkpoint), *RUN, "--save-every", "1", *extra]
+
+
+def environment() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(h0mini.__file__).parent.parent))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_ARRAY_TASK_ID"):
+        env.pop(name, None)
+    return env
+
+
+def assert_same_outputs(reference: Path, out: Path, tiles: int = 4) -> None:
+    names = sorted(p.name for p in reference.glob("*.h5"))
+    assert sorted(p.name for p in out.glob("*.h5")) == names
+    for name in names:
+        a, b = read_embeddings(reference / name), read_embeddings(out / name)
+        assert a.tile_names == b.tile_names and len(a) == tiles
+        np.testing.assert_array_equal(a.coords, b.coords)
+        # fp32, one tile per forward pass: a tile's numbers do not depend on what ran beside it.
+        np.testing.assert_array_equal(a.arrays["features"], b.arrays["features"])
+
+
+def assert_nothing_left_over(out: Path) -> None:
+    assert not list(out.glob("*.parts")), "saved batches of finished slides are removed"
+    assert not list((out / ".claims").iterdir()), "every claim is given back"
+    assert not [p for p in out.rglob("*.tmp")], "no temporary file is left"
+
+
+# -- several real processes on one folder ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_processes_started_together_embed_each_slide_once(cohort, reference, checkpoint, tmp_path, processes):
+    out = tmp_path / "out"
+    runs = [subprocess.Popen(command(cohort, out, checkpoint), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=environment()) for _ in range(processes)]
+    logs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0] * processes, [err[-1500:] for _, err in logs]
+    done = [line for out_text, _ in logs for line in out_text.splitlines() if ": done, " in line]
+    assert len(done) == 12 and len({line.split("]")[1].split(":")[0] for line in done}) == 12  # once each
+    assert_same_outputs(reference, out)
+    assert_nothing_left_over(out)
+    rows = read_summary(out / "summary.csv")
+    assert len(rows) == 12 and {r["status"] for r in rows.values()} == {"done"}
+
+
+@pytest.fixture(scope="module")
+def bigger_cohort(tmp_path_factory, checkpoint):
+    """6 slides of 16 tiles, and their uninterrupted single-process outputs."""
+    folder = tmp_path_factory.mktemp("bigger")
+    for i in range(6):
+        write_slide(folder / f"slide{i:02d}.tif", i, size=896)
+    out = tmp_path_factory.mktemp("bigger-reference")
+    assert main(["embed-slides", str(folder), "-o", str(out), "--weights", str(checkpoint), *RUN, "-q"]) == 0
+    return folder, out
+
+
+def test_reader_workers_serve_slide_after_slide(cohort, reference, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    statuses = h0mini.embed_slides([cohort], h0mini.load_model(checkpoint), output_dir=out, tissue=None,
+                                   num_workers=2, batch_size=1, precision="fp32", qc=False, progress=False)
+    assert [s.status for s in statuses] == ["done"] * 12
+    assert_same_outputs(reference, out)
+
+
+def test_kill_9_at_random_moments_then_a_rerun_equals_an_uninterrupted_run(bigger_cohort, checkpoint, tmp_path):
+    cohort, reference = bigger_cohort
+    out = tmp_path / "out"
+    rng = random.Random(21)
+    killed_mid_slide = 0
+    for _ in range(4):  # rounds of two processes, each killed at a random moment after embedding began
+        if len(list(out.glob("*.h5"))) == 6:
+            break
+        runs = [subprocess.Popen(command(cohort, out, checkpoint), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, env=environment()) for _ in range(2)]
+        deadline = time.time() + 60
+        while not list(out.glob("*.parts/part-*.npz")) and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.5))
+        for run in runs:
+            run.send_signal(signal.SIGKILL)
+        for run in runs:
+            run.wait()
+        killed_mid_slide += bool(list(out.glob("*.parts/part-*.npz")))
+    assert killed_mid_slide, "at least one kill left a slide half done (else this test proves nothing)"
+    assert list((out / ".claims").iterdir()), "the killed processes left claims behind, to be taken over"
+    finished = subprocess.run(command(cohort, out, checkpoint), capture_output=True, text=True, timeout=300,
+                              env=environment())
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert_same_outputs(reference, out, tiles=16)
+    assert_nothing_left_over(out)
+
+
+# -- claims ------------------------------------------------------------------------------------------
+
+
+def test_a_claim_is_held_once_and_a_dead_owners_claim_is_taken_over(tmp_path):
+    first, second = Claims(tmp_path), Claims(tmp_path)
+    assert first.acquire("s1") is None  # this process holds it now
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (tmp_path / ".claims" / "s2.1").write_text(json.dumps(
+        {"host": first.me.host, "pid": pid, "process_start": None, "started": time.time()}))
+    assert second.acquire("s2") is None, "a claim whose pid is gone is taken over"
+    assert sorted(p.name for p in (tmp_path / ".claims").iterdir()) == ["s1.1", "s2.2"]
+    live = Owner(first.me.host, os.getppid(), None, time.time())  # alive: our parent
+    (tmp_path / ".claims" / "s3.1").write_text(json.dumps(live.__dict__))
+    assert second.acquire("s3") == live, "a live owner keeps its slide"
+    first.release_all()
+    assert not (tmp_path / ".claims" / "s1.1").exists()
+
+
+def test_another_hosts_claim_counts_as_dead_only_after_the_timeout(tmp_path):
+    claims = Claims(tmp_path, timeout=60)
+    path = tmp_path / ".claims" / "s1.4"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "process_start": None, "started": 0}))
+    assert claims.acquire("s1") is not None  # heartbeat fresh: still theirs
+    os.utime(path, (time.time() - 120, time.time() - 120))
+    assert claims.acquire("s1") is None and _read(tmp_path / ".claims" / "s1.5").host == claims.me.host
+
+
+def test_racing_takeovers_have_exactly_one_winner(tmp_path):
+    path = tmp_path / ".claims" / "s1.1"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"host": "gone", "pid": 1, "process_start": None, "started": 0}))
+    os.utime(path, (0, 0))
+    results = []
+    barrier = threading.Barrier(8)
+
+    def take():
+        claims = Claims(tmp_path, timeout=1)
+        claims.me = Owner(claims.me.host, claims.me.pid, None, time.time())
+        barrier.wait()
+        results.append(claims.acquire("s1"))
+
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results.count(None) == 1  # one new owner; the others see it alive
+
+
+def test_write_probes_of_many_processes_never_collide(tmp_path):
+    script = ("import sys; from pathlib import Path; from h0mini.writers import check_writable\n"
+              "for _ in range(1000): check_writable(Path(sys.argv[1]), folder=True)\n")
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stderr=subprocess.PIPE, text=True,
+                             env=environment()) for _ in range(4)]
+    errors = [run.communicate(timeout=120)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0] * 4, errors
+    assert not list(tmp_path.iterdir())
+    check_writable(tmp_path, folder=True)
+
+
+# -- shards from schedulers --------------------------------------------------------------------------
+
+
+def test_srun_arrays_and_torchrun_compose_and_every_slide_is_walked():
+    slides = [f"s{i:02d}" for i in range(10)]
+    srun = [resolve_shard(environ={"SLURM_PROCID": str(k), "SLURM_NTASKS": "4", "SLURM_LOCALID": str(k % 2)})
+            for k in range(4)]
+    assert [(s.index, s.count, s.origin, s.local_rank) for s in srun] == [
+        (0, 4, "srun", 0), (1, 4, "srun", 1), (2, 4, "srun", 0), (3, 4, "srun", 1)]
+    assert sorted(x for s in srun for x in s.select(slides)) == slides
+    # A SLURM array of 3 tasks, each running torchrun with 2 ranks: 6 shares.
+    composed = [resolve_shard(environ={"SLURM_ARRAY_TASK_ID": str(a), "SLURM_ARRAY_TASK_COUNT": "3",
+                                       "SLURM_ARRAY_TASK_MIN": "0", "RANK": str(r), "WORLD_SIZE": "2",
+                                       "LOCAL_RANK": str(r)}) for a in range(3) for r in range(2)]
+    assert [(s.index, s.count) for s in composed] == [(i, 6) for i in range(6)]
+    assert composed[0].origin == "slurm-array+torchrun"
+    # --array=1,3,7: ids past the count fold in; nothing fails, and each process walks every slide.
+    sparse = [resolve_shard(environ={"SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_TASK_COUNT": "3",
+                                     "SLURM_ARRAY_TASK_MIN": "1"}) for i in (1, 3, 7)]
+    for shard in sparse:
+        assert sorted(shard.order(slides)) == slides and shard.order(slides)[:1] == shard.select(slides)[:1]
+    assert resolve_shard("1/3").order(slides) == resolve_shard("1/3").select(slides)  # asked for: only that share
+
+
+def test_srun_tasks_on_one_folder_embed_everything_once(cohort, reference, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    runs = [subprocess.Popen(command(cohort, out, checkpoint), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=dict(environment(), SLURM_PROCID=str(k), SLURM_NTASKS="2"))
+            for k in range(2)]
+    logs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-1500:] for _, err in logs]
+    first = logs[0][0].splitlines()[0]
+    assert first.startswith("[1/12]") and "slide00.tif" in first  # task 0 starts with its own share (done or
+    # already claimed by task 1, had task 1 finished its share and come to help first)
+    assert_same_outputs(reference, out)
+
+
+# -- manifests -----------------------------------------------------------------------------------------
+
+
+def test_a_manifest_gives_each_slide_its_mpp_mask_name_and_attributes(tmp_path, checkpoint):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_slide(slides / "a.tif", 1)
+    write_slide(slides / "b.tif", 2, mpp=0.25)  # metadata says 0.25: the manifest corrects it to 0.5
+    mask = np.zeros((448, 448), np.uint8)
+    mask[:224, :224] = 255  # one tile of tissue
+    Image.fromarray(mask).save(slides / "a_mask.png")
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("slide,mpp,mask,name,patient\nslides/a.tif,,slides/a_mask.png,case-a,P1\n"
+                        "slides/b.tif,0.5,,case-b,P2\n")
+    out = tmp_path / "out"
+    assert main(["embed-slides", str(manifest), "-o", str(out), "--weights", str(checkpoint), "--num-workers", "0",
+                 "--tissue", "none", "--no-qc", "-q"]) == 0
+    a, b = read_embeddings(out / "case-a.h5"), read_embeddings(out / "case-b.h5")
+    assert len(a) == 1 and a.coords.tolist() == [[0, 0]]
+    assert len(b) == 4 and b.coords_attrs["level0_mpp"] == 0.5 and b.coords_attrs["read_size"] == 224
+    assert a.provenance["attributes"] == {"patient": "P1"} and b.provenance["attributes"] == {"patient": "P2"}
+    assert a.provenance["tiling"]["tissue"]["method"] == "user mask"
+
+
+def test_bad_manifest_rows_are_listed_together_before_anything_runs(tmp_path):
+    write_slide(tmp_path / "a.tif", 1)
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("slide,mpp,mask,name\na.tif,0,,\nmissing.svs,,,\na.tif,0.5,nomask.png,x\n,,,\n"
+                        "a.tif,,,x\n")
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(manifest)
+    message = str(caught.value)
+    for expected in ("line 2: mpp must be a positive number", "line 3: missing.svs: no such file",
+                     "line 4: mask nomask.png: no such file", "line 5: the 'slide' cell is empty",
+                     "a.tif is listed twice"):
+        assert expected in message, message
+    with pytest.raises(ManifestError, match="no 'slide' column"):
+        (tmp_path / "bad.csv").write_text("path\na.tif\n")
+        read_manifest(tmp_path / "bad.csv")
+
+
+def test_name_clashes_are_named_before_the_model_loads(tmp_path, capsys):
+    write_slide(tmp_path / "plain.tif", 1)
+    write_slide(tmp_path / "plain.tiff", 2)
+    assert main(["embed-slides", str(tmp_path), "-o", str(tmp_path / "out"), "--weights", "/nonexistent"]) == 1
+    err = capsys.readouterr().err
+    assert "plain.tif" in err and "plain.tiff" in err and "would both write plain.h5" in err
+
+
+# -- resume decisions ------------------------------------------------------------------------------------
+
+
+def test_a_rescanned_slide_or_other_settings_are_refused_and_overwrite_replaces(tmp_path, checkpoint, capsys):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_slide(slides / "s1.tif", 1)
+    out = tmp_path / "out"
+    base = ["embed-slides", str(slides), "-o", str(out), "--weights", str(checkpoint), *RUN]
+    assert main(base) == 0
+    before = read_embeddings(out / "s1.h5").arrays["features"]
+    write_slide(slides / "s1.tif", 5)  # another slide under the same name
+    capsys.readouterr()
+    assert main(base) == 1
+    err = capsys.readouterr().err
+    assert "was made with other settings" in err and "slide.mtime" in err and "--overwrite" in err
+    np.testing.assert_array_equal(read_embeddings(out / "s1.h5").arrays["features"], before)  # nothing deleted
+    assert main(base + ["--overwrite"]) == 0
+    assert not np.array_equal(read_embeddings(out / "s1.h5").arrays["features"], before)
+    assert main(base[:-2] + ["--precision", "bf16"]) == 1
+    assert "precision: saved 'fp32', now 'bf16'" in capsys.readouterr().err
+    assert main(base + ["--target-mpp", "1.0"]) == 1
+    assert "request.target_mpp: saved 0.5, now 1.0" in capsys.readouterr().err
+
+
+def test_saved_batches_of_other_settings_are_kept_and_named(tmp_path, checkpoint):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_slide(slides / "s1.tif", 1)
+    out = tmp_path / "out"
+    model = h0mini.load_model(checkpoint)
+
+    class Stop(Exception):
+        pass
+
+    embedder_calls = {"n": 0}
+    original = h0mini.TileEmbedder._embed_pixels
+
+    def failing(self, pixels):
+        embedder_calls["n"] += 1
+        if embedder_calls["n"] == 3:
+            raise Stop
+        return original(self, pixels)
+
+    h0mini.TileEmbedder._embed_pixels = failing
+    try:
+        with pytest.raises(Stop):
+            h0mini.embed_slides([slides], model, output_dir=out, tissue=None, num_workers=0, batch_size=1,
+                                precision="fp32", save_every=1, qc=False, progress=False)
+    finally:
+        h0mini.TileEmbedder._embed_pixels = original
+    parts = sorted((out / "s1.h5.parts").glob("part-*.npz"))
+    assert len(parts) == 2
+    with pytest.raises(SettingsMismatchError, match="precision: saved 'fp32', now 'bf16'"):
+        h0mini.embed_slides([slides], model, output_dir=out, tissue=None, num_workers=0, precision="bf16",
+                            qc=False, progress=False)
+    assert sorted((out / "s1.h5.parts").glob("part-*.npz")) == parts  # kept
+    statuses = h0mini.embed_slides([slides], model, output_dir=out, tissue=None, num_workers=0, batch_size=1,
+                                   precision="fp32", qc=False, progress=False)
+    assert [(s.status, s.tiles) for s in statuses] == [("done", 4)]
+
+
+def test_an_in_memory_model_resumes_by_its_weights(tmp_path, checkpoint):
+    import timm
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_slide(slides / "s1.tif", 1)
+    out = tmp_path / "out"
+    model = timm.create_model("h0mini_test", pretrained=False)
+    options = dict(output_dir=out, tissue=None, num_workers=0, precision="fp32", qc=False, progress=False)
+    assert [s.status for s in h0mini.embed_slides([slides], model, **options)] == ["done"]
+    assert [s.status for s in h0mini.embed_slides([slides], model, **options)] == ["already done"]
+    with torch_no_grad():
+        next(model.parameters()).add_(1.0)  # fine-tuned a step further: not the same numbers
+    with pytest.raises(SettingsMismatchError, match="weights_sha256"):
+        h0mini.embed_slides([slides], model, **options)
+
+
+def torch_no_grad():
+    import torch
+
+    return torch.no_grad()
+
+
+# -- memory, report and signals ------------------------------------------------------------------------
+
+
+def test_many_slides_keep_few_handles_and_flat_memory(tmp_path, checkpoint):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(40):
+        write_slide(slides / f"s{i:02d}.tif", i, size=224)
+    model = h0mini.load_model(checkpoint)
+    options = dict(tissue=None, num_workers=0, qc=True, progress=False)
+
+    def open_files():
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_files()
+    statuses = h0mini.embed_slides(sorted(slides.glob("s0*.tif")) + sorted(slides.glob("s1*.tif")), model,
+                                   output_dir=tmp_path / "a", **options)
+    after_20 = open_files()
+    statuses += h0mini.embed_slides([slides], model, output_dir=tmp_path / "b", **options)
+    after_60 = open_files()
+    assert [s.status for s in statuses] == ["done"] * 60
+    assert after_60 - before <= 8 and after_60 <= after_20 + 2, (before, after_20, after_60)
+
+
+def test_quiet_prints_nothing_on_success_and_the_summary_keeps_every_run(tmp_path, checkpoint, capfd):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_slide(slides / "s1.tif", 1)
+    out = tmp_path / "out"
+    assert main(["embed-slides", str(slides), "-o", str(out), "--weights", str(checkpoint), *RUN, "-q"]) == 0
+    assert capfd.readouterr() == ("", "")
+    (slides / "s2.tif").write_bytes(b"not a slide")
+    assert main(["embed-slides", str(slides), "-o", str(out), "--weights", str(checkpoint), *RUN, "-q"]) == 1
+    captured = capfd.readouterr()
+    assert captured.out == "" and "s2.tif" in captured.err and "1 failed" in captured.err
+    rows = read_summary(out / "summary.csv")
+    assert {k: r["status"] for k, r in rows.items()} == {"s1": "done", "s2": "failed"}  # the first run's row stays
+
+
+def test_an_empty_share_still_writes_a_summary(tmp_path, checkpoint):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_slide(slides / "s1.tif", 1)
+    out = tmp_path / "out"
+    assert main(["embed-slides", str(slides), "-o", str(out), "--weights", str(checkpoint), *RUN, "--shard", "1/2",
+                 "-q"]) == 0
+    assert (out / "summary.csv").read_text().startswith("slide,status,")
+
+
+def test_a_claimed_row_never_hides_the_owners_row(tmp_path):
+    update_summary(tmp_path, [SlideStatus("/s/a.svs", "done", 5, name="a")])
+    update_summary(tmp_path, [SlideStatus("/s/a.svs", "claimed by another process", name="a")])
+    assert read_summary(tmp_path / "summary.csv")["a"]["status"] == "done"
+
+
+def test_sigterm_saves_the_batches_and_exits_130(cohort, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.Popen(command(cohort, out, checkpoint), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=environment())
+    deadline = time.time() + 60
+    while not list(out.glob("*.h5")) and time.time() < deadline:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert not list((out / ".claims").iterdir())  # claims given back on the way out
