@@ -249,8 +249,7 @@ class _Cohort:
         context = contextvars.copy_context()  # messages in the planner use the caller's words (CLI or Python)
         planner = threading.Thread(target=context.run, args=(self._plan_all, specs, plans), name="h0mini-planner",
                                    daemon=True)
-        planner.start()
-        source = TileInput(self._stream(plans), single=False, length=None, all_paths=True)
+        source = TileInput(self._stream(plans, planner), single=False, length=None, all_paths=True)
         received = 0
         try:
             with make_progress(progress, total=len(specs), unit="slide", desc="slides") as bar:
@@ -270,7 +269,8 @@ class _Cohort:
             raise
         finally:
             self._stop.set()
-            planner.join(timeout=10)
+            if planner.is_alive():
+                planner.join(timeout=10)
             self.claims.release_all()
         if not self.statuses:
             update_summary(self.out, [])  # an empty share still leaves a summary
@@ -338,8 +338,13 @@ class _Cohort:
         save_qc_image(plan.tiles, path)
         return str(path)
 
-    def _stream(self, plans: "queue.Queue[Any]") -> Iterator[Any]:
-        """The tiles of slide after slide, registering each slide's place in the stream."""
+    def _stream(self, plans: "queue.Queue[Any]", planner: threading.Thread) -> Iterator[Any]:
+        """The tiles of slide after slide, registering each slide's place in the stream.
+
+        The planner starts on the first tile asked for: by then the reader workers have been
+        forked, so no worker is forked while the planner is inside a slide library.
+        """
+        planner.start()
         position = 0
         while True:
             try:
