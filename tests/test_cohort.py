@@ -328,7 +328,7 @@ def test_a_rescanned_slide_or_other_settings_are_refused_and_overwrite_replaces(
     np.testing.assert_array_equal(read_embeddings(out / "s1.h5").arrays["features"], before)  # nothing deleted
     assert main(base + ["--overwrite"]) == 0
     assert not np.array_equal(read_embeddings(out / "s1.h5").arrays["features"], before)
-    assert main(base[:-2] + ["--precision", "bf16"]) == 1
+    assert main(base + ["--precision", "bf16"]) == 1  # the last --precision wins
     assert "precision: saved 'fp32', now 'bf16'" in capsys.readouterr().err
     assert main(base + ["--target-mpp", "1.0"]) == 1
     assert "request.target_mpp: saved 0.5, now 1.0" in capsys.readouterr().err

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             specs, model, output_dir=args.output_dir, shard=shard, qc=not args.no_qc, mpp=args.mpp,
             target_mpp=args.target_mpp, overlap=args.overlap, tissue=None if args.tissue == "none" else "otsu",
             min_tissue=args.min_tissue, reader=args.reader, allow_upsampling=args.allow_upsampling,
-            slide_pool=args.slide_pool, output=args.embedding, on_error=args.on_error, save_every=args.save_every,
+            slide_pool=args.slide_pool, embedding=args.embedding, on_error=args.on_error, save_every=args.save_every,
             overwrite=args.overwrite, claim_timeout=args.claim_timeout, device=args.device,
             precision=args.precision, batch_size=args.batch_size, num_workers=num_workers, compile=args.compile,
             input_size=args.input_size, jpeg_decode=args.jpeg_decode,

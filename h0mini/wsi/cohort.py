@@ -35,6 +35,7 @@ from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..deprecation import take_options
 from ..embed import ModelLike, TileEmbedder, make_progress
 from ..errors import H0miniError, InvalidArgumentError, shown
 from ..job import SAME_NUMBERS, OutputJob, SettingsMismatchError, differences, job_settings
@@ -46,6 +47,7 @@ from .embed import slide_request
 from .grid import MIN_TISSUE, TARGET_MPP, SlideTiles, tile_slide
 from .manifest import SlideSpec, slide_fingerprint, slide_specs
 from .qc import save_qc_image
+from .reader import release
 from .shard import Shard, resolve_shard
 from .summary import ALREADY_DONE, CLAIMED, DONE, FAILED, SlideStatus, update_summary
 
@@ -71,13 +73,22 @@ def embed_slides(
     reader: str = "auto",
     allow_upsampling: bool = False,
     slide_pool: Optional[str] = None,
-    output: str = "cls+mean",
+    embedding: str = "cls+mean",
+    batch_size: Optional[int] = None,
+    device: Union[str, torch.device] = "auto",
+    precision: str = "auto",
+    num_workers: Union[int, str] = "auto",
+    input_size: Union[int, str, None] = None,
+    compile: bool = False,
+    jpeg_decode: str = "cpu",
     on_error: str = "raise",
     save_every: int = 1024,
     overwrite: bool = False,
     claim_timeout: float = CLAIM_TIMEOUT,
-    device: Union[str, torch.device] = "auto",
-    **embedder_options: Any,
+    revision: Optional[str] = None,
+    token: Union[str, bool, None] = None,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    **options: Any,
 ) -> List[SlideStatus]:
     """Embed a cohort of slides, one ``OUTPUT_DIR/<name>.h5`` each: resumable, and safe for any number
     of processes on any number of machines sharing ``output_dir``.
@@ -100,7 +111,12 @@ def embed_slides(
         qc: write the QC picture of each slide.
         overwrite: replace saved outputs and parts made with other settings.
         claim_timeout: seconds without a heartbeat after which another host's claim counts as dead.
-        other arguments: as in ``embed_slide`` and ``embed_tiles``.
+        embedding, batch_size, device, precision, num_workers, input_size, compile, jpeg_decode,
+            revision, token, cache_dir, on_error, progress: as in ``h0mini.embed_tiles`` (the same
+            names and defaults); under torchrun or srun, ``device="auto"`` is this process's GPU.
+        mpp, target_mpp, overlap, tissue, min_tissue, reader, allow_upsampling, slide_pool,
+            save_every: as in ``embed_slide`` (a manifest's ``mpp`` and ``mask`` win for their slide).
+        **options: only ``output=`` (the previous name of ``embedding``), with a ``DeprecationWarning``.
 
     Returns:
         One ``SlideStatus`` per slide this process looked at, in order (``summary.csv`` has every
@@ -114,11 +130,12 @@ def embed_slides(
     """
     if output_dir is None:
         if isinstance(model, (str, os.PathLike)) and not _looks_like_weights(model):
-            warnings.warn("embed_slides(slides, output_dir, model) is deprecated: use "
-                          "embed_slides(slides, model, output_dir=...)", DeprecationWarning, stacklevel=2)
-            output_dir, model = model, embedder_options.pop("model", None)
+            warnings.warn("embed_slides(slides, output_dir, model) is deprecated and will be removed in the next "
+                          "release: use embed_slides(slides, model, output_dir=...)", DeprecationWarning, stacklevel=2)
+            output_dir, model = model, options.pop("model", None)
         else:
             raise InvalidArgumentError("embed_slides needs output_dir=, the folder for the outputs")
+    embedding = take_options("embed_slides", embed_slides, options, {"embedding": embedding})["embedding"]
     if on_error not in ("raise", "skip"):
         raise InvalidArgumentError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if slide_pool not in (None, "mean"):
@@ -131,9 +148,11 @@ def embed_slides(
     mine = chosen.order(specs)
     if device == "auto" and chosen.local_rank is not None and torch.cuda.is_available():
         device = f"cuda:{chosen.local_rank}"
-    embedder = TileEmbedder(model, embedding=output, device=device, **embedder_options)
-    if slide_pool and embedder.output not in ("cls", "mean", "cls+mean"):
-        raise InvalidArgumentError(f"slide_pool='mean' needs vector outputs (cls, mean, cls+mean), not {embedder.output!r}")
+    embedder = TileEmbedder(model, embedding=embedding, batch_size=batch_size, device=device, precision=precision,
+                            num_workers=num_workers, input_size=input_size, compile=compile, jpeg_decode=jpeg_decode,
+                            revision=revision, token=token, cache_dir=cache_dir)
+    if slide_pool and embedder.embedding not in ("cls", "mean", "cls+mean"):
+        raise InvalidArgumentError(f"slide_pool='mean' needs vector outputs (cls, mean, cls+mean), not {embedder.embedding!r}")
     run = _Cohort(out, embedder, job_settings(embedder), chosen, qc=qc, reader=reader, on_error=on_error,
                   save_every=save_every, overwrite=overwrite, claims=Claims(out, timeout=claim_timeout),
                   request=dict(target_mpp=target_mpp, overlap=overlap, tissue=tissue, min_tissue=min_tissue,
@@ -415,6 +434,7 @@ class _Cohort:
             return self._status(plan, FAILED, error=" ".join(str(error).split()))
         finally:
             self.claims.release(name)
+            release(plan.spec.path)  # this process's handles of the slide (workers keep a few, LRU)
             plan.tiles, plan.pending, plan.job = None, [], None  # nothing of the slide outlives it
 
     def _status(self, plan: _Plan, status: str, *, tiles: int = 0, skipped: int = 0, error: str = "") -> SlideStatus:
