@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..errors import SlideError
 from ..tiles import LazyTile
+from . import stored_tiles
 from .reader import Slide, SlideSource, describe_slide, open_slide
 from .tissue import MIN_SATURATION, THUMBNAIL_MPP, MaskLike, TissueMask, detect_tissue, mask_from_user, read_thumbnail
 
@@ -129,12 +130,37 @@ class SlideRegion(LazyTile):
 
     def load(self) -> Image.Image:
         slide = self.source.open()
-        image = slide.read(self.level, self.coords, (self.read_size, self.read_size))
+        pixels = _read_stored(self, slide)
+        if pixels is not None and pixels.shape[0] == self.tile_size:
+            return Image.fromarray(pixels)  # as is, or decoded at 1/k (DCT scaling, opt-in)
+        image = Image.fromarray(pixels) if pixels is not None else slide.read(
+            self.level, self.coords, (self.read_size, self.read_size))
         if self.read_size > self.tile_size:  # area filter: every source pixel counts, no aliasing
             image = image.resize((self.tile_size, self.tile_size), Image.Resampling.BOX)
         elif self.read_size < self.tile_size:  # only with allow_upsampling
             image = image.resize((self.tile_size, self.tile_size), Image.Resampling.BICUBIC)
         return image
+
+
+def _read_stored(region: SlideRegion, slide: Slide) -> Optional[np.ndarray]:
+    """The region from the slide's stored JPEG tiles (h0mini.wsi.stored_tiles), or None: read it through
+    OpenSlide. A damaged stored tile raises its SlideError here, naming the tile."""
+    if region.source.obj is not None or not stored_tiles.enabled():
+        return None
+    handle = slide.handle
+    scale = 1
+    if stored_tiles.dct_scaling() and region.read_size % region.tile_size == 0:
+        factor = region.read_size // region.tile_size
+        scale = factor if factor in stored_tiles.DCT_FACTORS else 1
+    try:
+        pixels = stored_tiles.read_stored(region.source.path, handle.level_dimensions, handle.level_downsamples,
+                                          region.level, region.coords, region.read_size, scale)
+    except SlideError as error:
+        raise SlideError(f"tile at ({region.coords[0]}, {region.coords[1]}): {error.reason}", slide=slide.name) from None
+    if pixels is None and scale > 1:
+        pixels = stored_tiles.read_stored(region.source.path, handle.level_dimensions, handle.level_downsamples,
+                                          region.level, region.coords, region.read_size)
+    return pixels
 
 
 @dataclass(eq=False, repr=False)
