@@ -23,6 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PY" precision_parity.py --device cuda --tiles 64
 "$PY" memory.py --device cuda --model h0_mini --tiles 20000
 "$PY" slide_pipeline.py --device cuda --overlap 192 --rounds 3   # needs openslide-python + openslide-bin (.whl)
+"$PY" cohort.py --device cuda --slides 300 --overhead-slides 50 --efficiency-slides 50 --tiles-per-side 4 --batch-size 256 --num-workers 15
 "$PY" distill_step.py --teacher h_optimus_0 --student h0_mini --batch 32 --global-size 224 --local-size 98 --device cuda
 "$PY" plism_scale.py --device cuda --tiles 4096,8139 --check-slides 4
 "$PY" -m pytest ../tests/test_embed.py ../tests/test_jpeg.py ../tests/test_eval_plism.py -m gpu -q -p no:cacheprovider

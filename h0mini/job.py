@@ -302,7 +302,7 @@ class OutputJob:
             arrays = {"features": arrays[self.embedder.output]}
         provenance = dict(self.settings, **(extra_provenance or {}),
                           created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                          num_tiles=len(tile_names))
+                          num_tiles=len(tile_names), num_skipped=len(skipped))
         embeddings = Embeddings(arrays, tile_names, coords, provenance, skipped, dict(coords_attrs or {}), pooled)
         try:
             write_embeddings(self.path, embeddings)

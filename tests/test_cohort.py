@@ -460,3 +460,36 @@ def test_sigterm_saves_the_batches_and_exits_130(cohort, checkpoint, tmp_path):
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert not list((out / ".claims").iterdir())  # claims given back on the way out
+
+
+def test_skipped_tiles_are_named_with_coordinates_and_a_raise_rerun_retries_them(tmp_path, checkpoint, monkeypatch):
+    from h0mini.errors import SlideError
+    from h0mini.wsi.grid import SlideRegion
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_slide(slides / "s1.tif", 1)
+    model = h0mini.load_model(checkpoint)
+    options = dict(output_dir=tmp_path / "out", tissue=None, num_workers=0, batch_size=1, precision="fp32",
+                   qc=False, progress=False)
+    reference = h0mini.embed_slides([slides], model, **dict(options, output_dir=tmp_path / "reference"))
+    original = SlideRegion.load
+
+    def unreadable_corner(self):
+        if self.coords == (224, 224):
+            raise SlideError("cannot read 224x224 px at level 0, (224, 224): corrupt tile", slide=self.source.path)
+        return original(self)
+
+    monkeypatch.setattr(SlideRegion, "load", unreadable_corner)
+    first = h0mini.embed_slides([slides], model, on_error="skip", **options)
+    assert [(s.status, s.tiles, s.skipped_tiles) for s in first] == [("done", 3, 1)]
+    saved = read_embeddings(tmp_path / "out" / "s1.h5")
+    assert "x=224, y=224" in saved.skipped[0]["reason"] and [224, 224] not in saved.coords.tolist()
+    assert [s.status for s in h0mini.embed_slides([slides], model, on_error="skip", **options)] == ["already done"]
+    still_bad = h0mini.embed_slides([slides], model, on_error="raise", **options)
+    assert still_bad[0].status == "failed" and "x=224, y=224" in still_bad[0].error
+    assert len(read_embeddings(tmp_path / "out" / "s1.h5")) == 3  # the saved output is kept
+    monkeypatch.setattr(SlideRegion, "load", original)  # the tile reads again (a flaky disk, a repaired file)
+    retried = h0mini.embed_slides([slides], model, on_error="raise", **options)
+    assert [(s.status, s.tiles) for s in retried] == [("done", 4)] and reference[0].tiles == 4
+    assert_same_outputs(tmp_path / "reference", tmp_path / "out")

@@ -258,6 +258,8 @@ class _Cohort:
         saved = _provenance(self.output_of(spec))
         if saved is None or self._saved_differences(spec, saved):
             return None
+        if self.on_error == "raise" and saved.get("num_skipped"):
+            return None  # tiles skipped by an earlier run are tried again: --on-error raise retries them
         return int(saved.get("num_tiles", 0))
 
     # -- the run -----------------------------------------------------------------------------
