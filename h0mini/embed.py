@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidArgumentError, InvalidTileError, shown
-from .jpeg import JPEG_DECODERS, EncodedJpeg, decode_on_device, read_encoded
+from .jpeg import ENCODED, JPEG_DECODERS, decode_on_device, read_encoded
 from .model import load_model
 from .onnx_model import OnnxModel
 from .preprocess import Preprocessing
@@ -527,6 +527,10 @@ class _Prepare:
             encoded = read_encoded(source, self.preprocessing)
             if encoded is not None:
                 return index, encoded, None, source, None
+        elif self.encoded_jpegs and hasattr(item, "encoded_for_device"):  # a slide region's stored JPEG tiles
+            encoded = item.encoded_for_device(self.preprocessing)
+            if encoded is not None:
+                return index, encoded, None, source, None
         try:
             pixels, note = self.preprocessing.prepare_noting(item)
             return index, pixels, None, source, note
@@ -582,9 +586,9 @@ def collate(samples: List[Tuple[int, Any, Optional[str], str, Optional[str]]]) -
     skipped = [SkippedTile(i, source, reason) for i, pixels, reason, source, _ in samples if reason is not None]
     notes = [(i, source, note) for i, _, _, source, note in samples if note is not None]
     groups: Dict[Tuple, List[Tuple[int, torch.Tensor]]] = {}
-    encoded = [(index, pixels) for index, pixels, *_ in samples if isinstance(pixels, EncodedJpeg)]
+    encoded = [(index, pixels) for index, pixels, *_ in samples if isinstance(pixels, ENCODED)]
     for index, pixels, reason, *_ in samples:
-        if reason is not None or isinstance(pixels, EncodedJpeg):
+        if reason is not None or isinstance(pixels, ENCODED):
             continue
         tensor = torch.from_numpy(pixels).permute(2, 0, 1) if isinstance(pixels, np.ndarray) else pixels
         groups.setdefault((tensor.dtype, tuple(tensor.shape)), []).append((index, tensor))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from typing import TYPE_CHECKING, Callable, List, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, List, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -36,6 +36,23 @@ class EncodedJpeg(NamedTuple):
     path: str
 
 
+class EncodedRegion(NamedTuple):
+    """A slide region's stored JPEG tiles, undecoded, and where each goes (h0mini.wsi.stored_tiles).
+
+    Decoded next to the model, pasted into ``size`` x ``size`` px, then area-averaged by the integer
+    factor ``size // tile_size`` exactly as PIL's BOX filter does (same rounding: pixel-identical to the
+    CPU path)."""
+
+    tiles: List[torch.Tensor]  # 1-D uint8 JPEG streams
+    boxes: torch.Tensor  # (n, 6) int64: out_y, out_x, tile_y, tile_x, height, width
+    size: int
+    tile_size: int
+    path: Any  # the SlideRegion: what the CPU path reads if the device decoder rejects a tile
+
+
+ENCODED = (EncodedJpeg, EncodedRegion)
+
+
 def read_encoded(path: str, preprocessing: "Preprocessing") -> Optional[EncodedJpeg]:
     """The file's bytes when it is a JPEG the device can decode straight to model input, else None."""
     try:
@@ -53,6 +70,12 @@ def read_encoded(path: str, preprocessing: "Preprocessing") -> Optional[EncodedJ
 
 def decode_on_device(encoded: List[EncodedJpeg], device: torch.device) -> List[Optional[torch.Tensor]]:
     """(3, H, W) uint8 tensors on ``device``, in order; None where the decoder rejects a file."""
+    if any(isinstance(item, EncodedRegion) for item in encoded):
+        regions = iter(decode_regions([item for item in encoded if isinstance(item, EncodedRegion)], device))
+        files = iter(decode_on_device([item for item in encoded if not isinstance(item, EncodedRegion)], device))
+        return [next(regions) if isinstance(item, EncodedRegion) else next(files) for item in encoded]
+    if not encoded:
+        return []
     decode = jpeg_decoder()
     data = [item.data for item in encoded]
     try:
@@ -67,6 +90,51 @@ def decode_on_device(encoded: List[EncodedJpeg], device: torch.device) -> List[O
             logger.info("device JPEG decoder rejected %s (%s): decoding it with Pillow", item.path, error)
             decoded.append(None)
     return decoded
+
+
+def decode_regions(regions: List[EncodedRegion], device: torch.device) -> List[Optional[torch.Tensor]]:
+    """(3, tile_size, tile_size) uint8 tensors on ``device``; None where the decoder rejects a stored tile."""
+    decode = jpeg_decoder()
+    streams = [tile for region in regions for tile in region.tiles]
+    try:
+        decoded: List[Optional[torch.Tensor]] = list(decode(streams, device))
+    except RuntimeError:  # one bad stream fails the batch: find it
+        decoded = []
+        for stream in streams:
+            try:
+                decoded.append(decode(stream, device))
+            except RuntimeError:
+                decoded.append(None)
+    out: List[Optional[torch.Tensor]] = []
+    start = 0
+    for region in regions:
+        parts = decoded[start : start + len(region.tiles)]
+        start += len(region.tiles)
+        if any(part is None for part in parts):
+            out.append(None)
+            continue
+        canvas = torch.empty((3, region.size, region.size), dtype=torch.uint8, device=device)
+        for part, (oy, ox, ty, tx, h, w) in zip(parts, region.boxes.tolist()):
+            canvas[:, oy : oy + h, ox : ox + w] = part[:, ty : ty + h, tx : tx + w]
+        out.append(box_downsample(canvas, region.size // region.tile_size))
+    return out
+
+
+_PRECISION_BITS = 22  # Pillow's 8-bit resampling: 32 - 8 - 2 fixed-point bits
+
+
+def box_downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """(C, H, W) uint8 shrunk by an integer ``factor``, equal to PIL's ``resize(BOX)``: a horizontal then a
+    vertical pass, each a sum times Pillow's rounded fixed-point weight, rounded half up to uint8."""
+    if factor == 1:
+        return image
+    weight = int(0.5 + (1 << _PRECISION_BITS) / factor)
+    half = 1 << (_PRECISION_BITS - 1)
+    c, h, w = image.shape
+    x = image.to(torch.int64).reshape(c, h, w // factor, factor).sum(-1)
+    x = ((x * weight + half) >> _PRECISION_BITS).clamp_(0, 255)
+    x = x.reshape(c, h // factor, factor, w // factor).sum(2)
+    return ((x * weight + half) >> _PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
 Decoder = Callable[[Union[torch.Tensor, List[torch.Tensor]], torch.device], Union[torch.Tensor, List[torch.Tensor]]]

@@ -273,3 +273,69 @@ def test_a_rewritten_slide_is_read_again_not_from_the_cache(tmp_path, pixels):
     second = fast_region(path, 0, (0, 0), 224)
     np.testing.assert_array_equal(second, openslide_region(path, 0, (0, 0), 224))
     assert not np.array_equal(first, second)
+
+
+# -- decoding on the model's device (nvJPEG on CUDA; torchvision/torchcodec's CPU decoder here) ---------
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_box_downsample_equals_pil_box(factor):
+    import torch
+
+    from h0mini.jpeg import box_downsample
+
+    rng = np.random.default_rng(factor)
+    image = rng.integers(0, 256, (factor * 37, factor * 23, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(image).resize((23, 37), Image.Resampling.BOX))
+    got = box_downsample(torch.from_numpy(image).permute(2, 0, 1).contiguous(), factor).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+def device_decoder_or_skip():
+    from h0mini.jpeg import jpeg_decoder
+
+    try:
+        jpeg_decoder()
+    except Exception as error:  # noqa: BLE001
+        pytest.skip(f"no device JPEG decoder: {error}")
+
+
+@pytest.mark.parametrize("slide", ["40x", "cc0"])
+def test_regions_decoded_on_the_device_equal_the_cpu_path(tmp_path, pixels, slide):
+    import torch
+
+    from h0mini.jpeg import EncodedRegion, decode_on_device
+    from h0mini.preprocess import Preprocessing
+
+    device_decoder_or_skip()
+    path = SLIDE if slide == "cc0" else write_jpeg_slide(tmp_path / "s.tif", pixels)
+    tiles = tile_slide(path, tissue=None)
+    preprocessing = Preprocessing.from_model(write_checkpoint(tmp_path / "ckpt"))
+    regions = tiles.regions()[:6]
+    encoded = [region.encoded_for_device(preprocessing) for region in regions]
+    assert all(isinstance(e, EncodedRegion) for e in encoded)
+    decoded = decode_on_device(encoded, torch.device("cpu"))
+    for region, tensor in zip(regions, decoded):
+        np.testing.assert_array_equal(tensor.permute(1, 2, 0).numpy(), np.asarray(region.load()), err_msg=region.name)
+
+
+def test_embedding_with_device_decoding_equals_cpu_decoding_and_skips_damaged_tiles(tmp_path, pixels, monkeypatch):
+    from h0mini import jpeg
+
+    device_decoder_or_skip()
+    decoded = []
+    real = jpeg.decode_regions
+    monkeypatch.setattr(jpeg, "decode_regions", lambda regions, device: decoded.extend(regions) or real(regions, device))
+    path = write_jpeg_slide(tmp_path / "s.tif", pixels, downsamples=(1,), damage=damaged("truncated"))
+    write_checkpoint(tmp_path / "ckpt")
+    model = h0mini.load_model(tmp_path / "ckpt")
+    tiles = tile_slide(path, tissue=None, overlap=112)  # 12 tiles, 4 of them on the damaged stored tile
+    runs = {}
+    for decode in ("cpu", "device"):
+        with pytest.warns(SkippedTilesWarning) as caught:
+            runs[decode] = h0mini.embed_tiles(tiles, model, on_error="skip", num_workers=1, batch_size=2,
+                                              jpeg_decode=decode, device="cpu")
+        runs[decode + " skipped"] = [w.message for w in caught if isinstance(w.message, SkippedTilesWarning)][0].skipped
+    assert [s.index for s in runs["cpu skipped"]] == [s.index for s in runs["device skipped"]]
+    np.testing.assert_allclose(runs["device"], runs["cpu"], rtol=0, atol=1e-6)
+    assert len(decoded) == len(tiles) - len(runs["cpu skipped"]) > 0  # every good tile went the device way

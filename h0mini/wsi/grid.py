@@ -128,6 +128,10 @@ class SlideRegion(LazyTile):
     read_size: int
     tile_size: int
 
+    def encoded_for_device(self, preprocessing: Any):
+        """For ``jpeg_decode="device"``: the stored JPEG tiles to decode next to the model, or None."""
+        return encoded_for_device(self, preprocessing)
+
     def load(self) -> Image.Image:
         slide = self.source.open()
         pixels = _read_stored(self, slide)
@@ -140,6 +144,30 @@ class SlideRegion(LazyTile):
         elif self.read_size < self.tile_size:  # only with allow_upsampling
             image = image.resize((self.tile_size, self.tile_size), Image.Resampling.BICUBIC)
         return image
+
+
+def encoded_for_device(region: SlideRegion, preprocessing: Any):
+    """The region's stored JPEG tiles for ``jpeg_decode="device"`` (an ``EncodedRegion``), or None to read it
+    on the CPU: only where the tiles need nothing after the integer BOX but the model's normalisation."""
+    if region.source.obj is not None or not stored_tiles.enabled() or stored_tiles.dct_scaling():
+        return None
+    if region.read_size % region.tile_size or preprocessing.size is None or preprocessing.needs_resize(
+            region.tile_size, region.tile_size):
+        return None
+    from ..jpeg import EncodedRegion
+
+    slide = region.source.open()
+    handle = slide.handle
+    try:
+        found = stored_tiles.encoded_stored(region.source.path, handle.level_dimensions, handle.level_downsamples,
+                                            region.level, region.coords, region.read_size)
+    except Exception:  # noqa: BLE001 - never in a worker's way: the CPU path reads it and names what is wrong
+        return None
+    if found is None:
+        return None
+    streams, boxes = found
+    return EncodedRegion([torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in streams],
+                         torch.tensor(boxes, dtype=torch.int64).reshape(-1, 6), region.read_size, region.tile_size, region)
 
 
 def _read_stored(region: SlideRegion, slide: Slide) -> Optional[np.ndarray]:

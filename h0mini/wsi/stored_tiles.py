@@ -116,28 +116,44 @@ class StoredSlide:
         where this reader does not match OpenSlide (the caller then reads it through OpenSlide).
 
         ``scale`` > 1 decodes at 1/scale (DCT scaling): ``size / scale`` px come back."""
+        where = self._where(level, location, size)
+        if where is None:
+            return None
+        stored, x, y = where
+        tw, th = stored.tile_width, stored.tile_height
+        if scale > 1 and (size % scale or x % scale or y % scale or tw % scale or th % scale):
+            return None
+        out = np.empty((size // scale, size // scale, 3), np.uint8)
+        for column, row, (oy, ox, ty, tx, h, w) in _pieces(stored, x, y, size):
+            tile = self.tile(level, stored, column, row, scale)
+            out[oy // scale : (oy + h) // scale, ox // scale : (ox + w) // scale] = tile[
+                ty // scale : (ty + h) // scale, tx // scale : (tx + w) // scale]
+        return out
+
+    def encoded(self, level: int, location: Tuple[int, int], size: int) -> Optional[Tuple[List[bytes], List[tuple]]]:
+        """The region's stored tiles as complete JPEG streams, undecoded (to decode on the GPU), and where
+        each goes: ``(out_y, out_x, tile_y, tile_x, height, width)``; None where ``read`` would be None."""
+        where = self._where(level, location, size)
+        if where is None:
+            return None
+        stored, x, y = where
+        streams, boxes = [], []
+        for column, row, box in _pieces(stored, x, y, size):
+            data = self._stored_bytes(level, stored, column, row)
+            if data[-2:] != b"\xff\xd9":  # cut short: the device decoder might not say so
+                raise SlideError(f"{self._name(level, column, row)} is truncated (no JPEG end marker)", slide=self.path)
+            streams.append(stored.header + data[2:])
+            boxes.append(box)
+        return streams, boxes
+
+    def _where(self, level: int, location: Tuple[int, int], size: int) -> Optional[Tuple[StoredLevel, int, int]]:
         stored = self.levels[level] if level < len(self.levels) else None
         if stored is None:
             return None
         x, y = _level_position(location, stored.downsample)
         if x is None or y is None or x < 0 or y < 0 or x + size > stored.width or y + size > stored.height:
             return None
-        tw, th = stored.tile_width, stored.tile_height
-        if scale > 1 and (size % scale or x % scale or y % scale or tw % scale or th % scale):
-            return None
-        out_size = size // scale
-        out = np.empty((out_size, out_size, 3), np.uint8)
-        for row in range(y // th, (y + size - 1) // th + 1):
-            for column in range(x // tw, (x + size - 1) // tw + 1):
-                tile = self.tile(level, stored, column, row, scale)
-                # the part of this stored tile inside the region, in level pixels
-                left, top = max(x, column * tw), max(y, row * th)
-                right, bottom = min(x + size, (column + 1) * tw), min(y + size, (row + 1) * th)
-                out[(top - y) // scale : (bottom - y) // scale, (left - x) // scale : (right - x) // scale] = tile[
-                    (top - row * th) // scale : (bottom - row * th) // scale,
-                    (left - column * tw) // scale : (right - column * tw) // scale,
-                ]
-        return out
+        return stored, x, y
 
     def tile(self, level: int, stored: StoredLevel, column: int, row: int, scale: int = 1) -> np.ndarray:
         """One stored tile, decoded (from the cache when it was decoded lately)."""
@@ -151,9 +167,14 @@ class StoredSlide:
         _remember(key, tile)
         return tile
 
-    def _decode(self, level: int, stored: StoredLevel, column: int, row: int, scale: int) -> np.ndarray:
+    @staticmethod
+    def _name(level: int, column: int, row: int) -> str:
+        return f"stored tile (column {column}, row {row}) of level {level}"
+
+    def _stored_bytes(self, level: int, stored: StoredLevel, column: int, row: int) -> bytes:
+        """A stored tile's compressed bytes, checked against the tile table and the file's size."""
         index = row * stored.columns + column
-        where = f"stored tile (column {column}, row {row}) of level {level}"
+        where = self._name(level, column, row)
         if index >= len(stored.offsets):
             raise SlideError(f"{where} is missing from the TIFF's tile table (the file is damaged)", slide=self.path)
         offset, count = int(stored.offsets[index]), int(stored.counts[index])
@@ -166,6 +187,11 @@ class StoredSlide:
         data = os.pread(self._fd, count, offset)
         if len(data) != count or data[:2] != b"\xff\xd8":
             raise SlideError(f"{where} is not JPEG data (the file is damaged)", slide=self.path)
+        return data
+
+    def _decode(self, level: int, stored: StoredLevel, column: int, row: int, scale: int) -> np.ndarray:
+        data = self._stored_bytes(level, stored, column, row)
+        where = self._name(level, column, row)
         decode = _decoder()
         height, width = stored.tile_height // scale, stored.tile_width // scale
         options: Dict[str, Any] = {}
@@ -180,6 +206,23 @@ class StoredSlide:
                 f"{where} decodes to {tile.shape[1]}x{tile.shape[0]} px, not the TIFF's {width}x{height}",
                 slide=self.path)
         return tile
+
+
+def _pieces(stored: StoredLevel, x: int, y: int, size: int):
+    """(column, row, (out_y, out_x, tile_y, tile_x, height, width)) of each stored tile under a region."""
+    tw, th = stored.tile_width, stored.tile_height
+    for row in range(y // th, (y + size - 1) // th + 1):
+        for column in range(x // tw, (x + size - 1) // tw + 1):
+            left, top = max(x, column * tw), max(y, row * th)
+            right, bottom = min(x + size, (column + 1) * tw), min(y + size, (row + 1) * th)
+            yield column, row, (top - y, left - x, top - row * th, left - column * tw, bottom - top, right - left)
+
+
+def encoded_stored(path: str, level_dimensions, level_downsamples, level: int, location: Tuple[int, int],
+                   size: int) -> Optional[Tuple[List[bytes], List[tuple]]]:
+    """This process's undecoded read of a region (``StoredSlide.encoded``), or None."""
+    slide = _slide(path, level_dimensions, level_downsamples)
+    return None if slide is None else slide.encoded(level, location, size)
 
 
 def read_stored(path: str, level_dimensions, level_downsamples, level: int, location: Tuple[int, int], size: int,
