@@ -28,3 +28,21 @@ def test_no_file_cites_a_document_the_repository_lacks():
 def test_the_readme_types_no_test_count():
     # A count of tests goes stale with the next test: pytest prints the real one.
     assert not re.search(r"\b\d{3,} tests\b", (ROOT / "README.md").read_text())
+
+
+def test_the_first_screen_has_what_a_newcomer_needs():
+    first = "\n".join((ROOT / "README.md").read_text().splitlines()[:60])
+    for needed in ("git clone", 'pip install ".[wsi]"', "h0mini demo-weights", "H0MINI_WEIGHTS=\"$PWD/",
+                   "h0mini embed examples/tiles", "h0mini embed-slides", "h0mini.embed_tiles(", "h0mini.embed_slide(",
+                   "python -m pytest", "docs/performance.md", "docs/distillation.md", "docs/evaluation.md"):
+        assert needed in first, needed
+
+
+def test_the_readme_says_what_dev_installs():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    dev_extras = re.search(r"h0mini\[([^\]]+)\]", " ".join(extras["dev"])).group(1).split(",")
+    sentence = next(line for line in (ROOT / "README.md").read_text().split("\n\n") if line.startswith("`[dev]` installs"))
+    for extra in dev_extras:
+        assert f"`{extra}`" in sentence, extra
