@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import queue
@@ -27,12 +28,13 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 
-from .errors import InvalidArgumentError, InvalidTileError, shown
+from .errors import InvalidArgumentError, InvalidTileError, SlideError, shown
+from .interrupt import started_as_command
 from .jpeg import ENCODED, JPEG_DECODERS, decode_on_device, read_encoded
-from .model import load_model
-from .onnx_model import OnnxModel
+from .model import default_weights, load_model
+from .onnx_model import OnnxModel, is_onnx_source
 from .preprocess import Preprocessing
-from .runtime import ModelForward, resolve_device, resolve_precision
+from .runtime import PRECISION_NAMES, ModelForward, resolve_device, resolve_precision
 from .tiles import TileRef, DatasetItems, describe, read_input
 from .deprecation import take_options
 from .wording import say
@@ -152,7 +154,9 @@ def embed_tiles(
                            {"embedding": embedding, "return_dtype": return_dtype})
     embedding, return_dtype = renamed["embedding"], renamed["return_dtype"]
     if on_error not in ("raise", "skip"):
-        raise InvalidArgumentError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise InvalidArgumentError(f"on_error must be 'raise' or 'skip', got {on_error!r}", argument="on_error",
+                                   accepted="'raise', 'skip'")
+    check_return_dtype(return_dtype, return_tensors)
     embedder = TileEmbedder(
         model,
         embedding=embedding,
@@ -236,16 +240,19 @@ class TileEmbedder:
         if jpeg_decode not in JPEG_DECODERS:
             raise InvalidArgumentError(f"jpeg_decode must be one of {JPEG_DECODERS}, got {jpeg_decode!r}")
         self.jpeg_decode = jpeg_decode
-        model = resolve_model(model, revision=revision, token=token, cache_dir=cache_dir)
+        model = resolve_model(model, revision=revision, token=token, cache_dir=cache_dir, device=device)
         if isinstance(model, OnnxModel):
             device, precision = _onnx_settings(model, device, precision, compile)
         elif str(device) == "auto":  # a model object runs where it is (loaded ones went to CUDA when available)
             device = _device_of(model, default="auto")
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        # Never .eval() here: the model may be the caller's, in training; each forward pass runs in
+        # eval mode and puts the training flags back (runtime.ModelForward).
+        self.model = model.to(self.device)
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 1))
         self.embedding = embedding
         self.autocast_dtype = resolve_precision(precision, self.device)
+        _log_precision(self.device, precision, self.autocast_dtype)
         self.batch_size = _positive(batch_size, "batch_size") or DEFAULT_BATCH_SIZE["cuda" if self.device.type == "cuda" else "cpu"]
         self._micro_batch = self.batch_size
         self.num_workers = num_workers
@@ -264,7 +271,7 @@ class TileEmbedder:
     def precision(self) -> str:
         if isinstance(self.model, OnnxModel):
             return f"onnxruntime-{self.model.precision}"
-        return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.autocast_dtype]
+        return PRECISION_NAMES[self.autocast_dtype]
 
     def output_shape(self) -> Dict[str, Tuple[int, ...]]:
         """Per-tile shapes of each output array (patch count for the model's own input size)."""
@@ -292,7 +299,7 @@ class TileEmbedder:
                 warned_oversize = True
                 warnings.warn(f"tile {notes[0][0]} ({shown(notes[0][1])}): {notes[0][2]} (shown once per run)",
                               UserWarning, stacklevel=4)
-            if number % TRIM_EVERY == 0:
+            if number % TRIM_EVERY == 0 and started_as_command():  # the command owns its process; a library does not
                 release_freed_memory()
             if any(isinstance(pixels, list) for _, pixels in pixel_groups):
                 pixel_groups, skipped = self._decode_jpegs(pixel_groups, skipped)
@@ -400,10 +407,10 @@ class TileEmbedder:
                 x = x.to(self.weights_dtype)
             tokens = self._forward(x, pad_to=self._micro_batch)
             if tokens.ndim != 3:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"the model returned shape {tuple(tokens.shape)}; embed_tiles needs its tokens (B, T, D): "
-                    "use a timm ViT (forward_features) or a model with global_pool=''"
-                )
+                    "use a timm ViT (forward_features) or a model with global_pool=''",
+                    argument="model", accepted="a model whose forward_features returns tokens (B, T, D)")
             pooled = pool_tokens(tokens.float(), self.num_prefix_tokens, self.output)
         # A copy, never a view: a view of the CLS row would keep the whole token tensor alive.
         return {name: value.to("cpu", copy=True) for name, value in pooled.items()}
@@ -454,19 +461,71 @@ def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, output: str) -> Di
 # -- model, device and precision resolution --------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_model(weights: Optional[str], revision: Optional[str], token: Union[str, bool, None],
-                  cache_dir: Optional[str]) -> torch.nn.Module:
-    return load_model(weights, revision=revision, token=token, cache_dir=cache_dir)
+class _ModelCache:
+    """The model ``embed_tiles`` loaded last, so that repeated calls do not reload it.
+
+    One model at most (a second set of weights replaces the first), never shared between
+    devices (it is loaded on the device it runs on: an embedder on another device gets its own),
+    and keyed by everything that decides the weights: what ``$H0MINI_WEIGHTS`` says now, the
+    revision, the token, the cache folder, and for a local path the file's size and time.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: Optional[tuple] = None
+        self._model: Optional[torch.nn.Module] = None
+
+    def get(self, weights: Optional[str], *, revision: Optional[str], token: Union[str, bool, None],
+            cache_dir: Optional[str], device: Union[str, torch.device]) -> torch.nn.Module:
+        source = weights if weights is not None else default_weights()
+        onnx = is_onnx_source(source)
+        target = "cpu" if onnx else str(resolve_device(device))
+        key = (source, _file_stamp(source), revision, _token_key(token), cache_dir, target)
+        with self._lock:
+            if self._key != key or self._model is None:
+                self._key = self._model = None  # the previous model is freed before the next loads
+                self._model = load_model(weights, revision=revision, token=token, cache_dir=cache_dir,
+                                         device="auto" if onnx else target)
+                self._key = key
+            return self._model
+
+    def clear(self) -> None:
+        with self._lock:
+            self._key = self._model = None
+
+
+_cached_model = _ModelCache()
+
+
+def _file_stamp(source: str) -> Optional[Tuple[int, int]]:
+    """Size and modification time of a local weights path (a rewritten file is loaded again)."""
+    try:
+        info = os.stat(source)
+    except (OSError, ValueError):
+        return None  # a Hub repo id
+    return info.st_size, info.st_mtime_ns
+
+
+def _token_key(token: Union[str, bool, None]) -> Any:
+    """Tokens enter the key as a digest: the cache keeps no secret in memory."""
+    if isinstance(token, str):
+        import hashlib
+
+        return hashlib.sha256(token.encode()).hexdigest()
+    return token
 
 
 def resolve_model(model: ModelLike, *, revision: Optional[str] = None, token: Union[str, bool, None] = None,
-                  cache_dir: Union[str, os.PathLike, None] = None) -> torch.nn.Module:
+                  cache_dir: Union[str, os.PathLike, None] = None,
+                  device: Union[str, torch.device] = "auto") -> torch.nn.Module:
     if model is None or isinstance(model, (str, os.PathLike)):
         weights = None if model is None else os.fspath(model)
-        return _cached_model(weights, revision, token, None if cache_dir is None else os.fspath(cache_dir))
+        return _cached_model.get(weights, revision=revision, token=token,
+                                 cache_dir=None if cache_dir is None else os.fspath(cache_dir), device=device)
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be an nn.Module, a repo id or a path, got {type(model).__name__}")
+        raise InvalidArgumentError(
+            f"model must be an nn.Module, a repo id or a path, got {type(model).__name__}",
+            argument="model", accepted="a model from load_model(), a Hub repo id, or a path to weights")
     given = [name for name, value in (("revision", revision), ("token", token), ("cache_dir", cache_dir))
              if value is not None]
     if given:
@@ -486,14 +545,34 @@ def _device_of(model: torch.nn.Module, default: str) -> Union[str, torch.device]
 def _onnx_settings(model: OnnxModel, device: Union[str, torch.device], precision: str, compile: bool) -> Tuple[str, str]:
     """An ONNX export runs on the CPU in the precision it was exported with: other requests are errors."""
     if str(device) not in ("auto", "cpu"):
-        raise ValueError(f"{model.model_path} is an ONNX export and runs on the CPU (ONNX Runtime); use device='cpu'")
+        raise InvalidArgumentError(
+            f"{model.model_path} is an ONNX export and runs on the CPU (ONNX Runtime); use device='cpu'",
+            argument="device", accepted="'auto' or 'cpu' for an ONNX export")
     if str(precision).lower() not in ("auto", "fp32", "float32"):
-        raise ValueError(
-            f"{model.model_path} is an ONNX export ({model.precision}): its precision is fixed; use precision='auto'"
-        )
+        raise InvalidArgumentError(
+            f"{model.model_path} is an ONNX export ({model.precision}): its precision is fixed; use precision='auto'",
+            argument="precision", accepted="'auto' for an ONNX export")
     if compile:
-        raise ValueError(f"compile=True applies to torch models; {model.model_path} is an ONNX export")
+        raise InvalidArgumentError(f"compile=True applies to torch models; {model.model_path} is an ONNX export",
+                                   argument="compile", accepted="False for an ONNX export")
     return "cpu", "fp32"
+
+
+_LOGGED_PRECISIONS: set = set()
+
+
+def _log_precision(device: torch.device, asked: str, dtype: Optional[torch.dtype]) -> None:
+    """Say once per process and setting which precision runs (the CPU default depends on the hardware)."""
+    name = PRECISION_NAMES[dtype]
+    key = (device.type, str(asked), name)
+    if key in _LOGGED_PRECISIONS:
+        return
+    _LOGGED_PRECISIONS.add(key)
+    if str(asked).lower() == "auto" and device.type == "cpu":
+        why = "this CPU has native bf16" if dtype is torch.bfloat16 else "this CPU has no native bf16"
+        logger.info("embedding on the CPU in %s (precision='auto': %s)", name, why)
+    else:
+        logger.info("embedding on %s in %s (precision=%r)", device, name, asked)
 
 
 def _skip_hint() -> str:
@@ -534,10 +613,11 @@ class _Prepare:
         try:
             pixels, note = self.preprocessing.prepare_noting(item)
             return index, pixels, None, source, note
-        except InvalidTileError as error:
+        except (InvalidTileError, SlideError) as error:
             return index, None, error.reason, source, None
-        except Exception as error:  # a decoder bug or exotic file must not kill the run
+        except OSError as error:  # Pillow's decoding errors (a lazily loaded image of the caller's)
             return index, None, f"{type(error).__name__}: {error}", source, None
+        # Anything else is a bug, here or in a caller's Dataset: it must stop the run, not skip every tile.
 
 
 class _PreparedDataset(torch.utils.data.Dataset):
@@ -609,13 +689,17 @@ def collate(samples: List[Tuple[int, Any, Optional[str], str, Optional[str]]]) -
 def _batched_in_thread(items: Iterable[Any], prepare: _Prepare, batch_size: int, pin: bool) -> Iterator[tuple]:
     """Prepare and collate batches; pinned for a non-blocking copy when the model is on CUDA."""
     samples = []
-    for index, item in enumerate(items):
-        samples.append(prepare(index, item))
-        if len(samples) == batch_size:
+    try:
+        for index, item in enumerate(items):
+            samples.append(prepare(index, item))
+            if len(samples) == batch_size:
+                yield _pinned(collate(samples)) if pin else collate(samples)
+                samples = []
+        if samples:
             yield _pinned(collate(samples)) if pin else collate(samples)
-            samples = []
-    if samples:
-        yield _pinned(collate(samples)) if pin else collate(samples)
+    finally:  # stopped early: a generator source runs its own clean-up now, not whenever it is collected
+        if inspect.isgenerator(items):
+            items.close()
 
 
 def _pinned(batch: Tuple[np.ndarray, list, List[SkippedTile], list]) -> Tuple[np.ndarray, list, List[SkippedTile], list]:
@@ -652,6 +736,10 @@ def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
             put(_DONE)
         except BaseException as error:  # handed to the consumer, raised there
             put(_Failure(error))
+        finally:  # here, in the thread that ran it: the source's own clean-up (open files, slides) runs now
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
 
     thread = threading.Thread(target=produce, name="h0mini-prefetch", daemon=True)
     thread.start()
@@ -708,21 +796,41 @@ def _convert(result: Any, dtype: Any, return_tensors: bool) -> Any:
         return {k: _convert(v, dtype, return_tensors) for k, v in result.items()}
     if return_tensors:
         return result.to(_torch_dtype(dtype))
-    name = str(dtype).replace("torch.", "")
+    return result.numpy().astype(_numpy_dtype(dtype), copy=False)
+
+
+def check_return_dtype(dtype: Any, return_tensors: bool) -> None:
+    """Refuse a return dtype before any tile is embedded, not after."""
+    (_torch_dtype if return_tensors else _numpy_dtype)(dtype)
+
+
+def _numpy_dtype(dtype: Any) -> np.dtype:
+    """``"float16"``, ``np.float16``, ``np.dtype("f2")`` or ``torch.float16`` alike, as numpy's dtype."""
+    name = str(dtype).replace("torch.", "") if isinstance(dtype, torch.dtype) else dtype
     try:
         numpy_dtype = np.dtype(name)
     except TypeError:
         numpy_dtype = None
     # ml_dtypes (imported by onnx) registers a numpy bfloat16 that torch's .numpy() cannot produce.
     if numpy_dtype is None or numpy_dtype.kind not in "biuf":
-        raise ValueError(f"numpy has no dtype {name!r}: pass return_tensors=True for torch dtypes like bfloat16")
-    return result.numpy().astype(numpy_dtype, copy=False)
+        raise InvalidArgumentError(
+            f"return_dtype: numpy has no dtype {str(dtype).replace('torch.', '')!r}; use a numpy "
+            "integer or float dtype, or pass return_tensors=True for torch dtypes like bfloat16", argument="return_dtype", accepted="a numpy integer or float dtype")
+    return numpy_dtype
 
 
 def _torch_dtype(dtype: Any) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    return getattr(torch, np.dtype(dtype).name)
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)  # "bfloat16": a torch dtype numpy does not know
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise InvalidArgumentError(f"return_dtype {dtype!r} is not a dtype torch knows",
+                                   argument="return_dtype", accepted="a torch or numpy dtype, or its name")
+    return value
 
 
 # -- progress ------------------------------------------------------------------------------------------

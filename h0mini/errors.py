@@ -58,11 +58,28 @@ class HubConnectionError(H0miniError, ConnectionError):
     """The Hub answered with an error that is neither access nor a missing file (5xx, proxy)."""
 
 
-class InvalidArgumentError(H0miniError, ValueError):
-    """An option that takes one of a few values got another (``embedding="pooled"``); the message lists them."""
+class InvalidArgumentError(H0miniError, ValueError, TypeError):
+    """An argument got a value it cannot take (``precision="fp8"``, ``batch_size=0``, ``model=42``); the
+    message names the argument and the accepted values.
+
+    Also a ``TypeError``, so that code catching what Python raises for a wrong type keeps working.
+    ``argument`` is the argument's name and ``accepted`` the values it takes, where the raiser says.
+    """
+
+    def __init__(self, message: str, *, argument: Optional[str] = None, accepted: Optional[str] = None):
+        super().__init__(message)
+        self.argument = argument
+        self.accepted = accepted
+
+    def __reduce__(self):
+        return (_rebuild_invalid_argument, (type(self), str(self), self.argument, self.accepted))
 
 
-class UnknownOptionError(InvalidArgumentError, TypeError):
+def _rebuild_invalid_argument(cls: type, message: str, argument: Optional[str], accepted: Optional[str]):
+    return cls(message, argument=argument, accepted=accepted)
+
+
+class UnknownOptionError(InvalidArgumentError):
     """A keyword a function does not take (``embed_tiles(devise="cpu")``); the message lists the valid ones."""
 
 

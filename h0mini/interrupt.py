@@ -37,9 +37,14 @@ def raise_on_interrupt() -> None:
 
 
 def started_as_command() -> bool:
-    """True in the process of the ``h0mini`` console script or of ``python -m h0mini``."""
-    script = os.path.basename(sys.argv[0]) if sys.argv else ""
-    if script in ("h0mini", "h0mini.exe", "h0mini-script.py"):
+    """True in the process of the ``h0mini`` console script or of ``python -m h0mini``, nowhere else.
+
+    The console script runs ``_h0mini_command.main``, which says so before importing h0mini;
+    ``python -m h0mini`` is read from the interpreter's own arguments. A user's script or folder
+    named ``h0mini`` is neither: its Ctrl-C stays Python's.
+    """
+    launcher = sys.modules.get("_h0mini_command")
+    if launcher is not None and getattr(launcher, "RUNNING", False):
         return True
     original = list(getattr(sys, "orig_argv", []))[1:]  # Python 3.10+; the interpreter's options, then -m NAME
     return "-m" in original and original[original.index("-m") + 1:][:1] == ["h0mini"]

@@ -16,25 +16,16 @@ from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from .constants import CONFIG_WARNING_KEY, ENV_WEIGHTS, H0_MINI_ARCH, H0_MINI_REPO_ID, REPO_ARCHS, SWIGLU_MLP_RATIO
-from .errors import IncompatibleCheckpointError, ModelNotFoundError
+from .errors import IncompatibleCheckpointError, InvalidArgumentError, ModelNotFoundError
 from .hub import Checkpoint, PathLike, resolve_checkpoint, split_revision
 from .onnx_model import is_onnx_source, load_onnx_model
-from .runtime import resolve_device
+from .runtime import DTYPES, resolve_device
 
 logger = logging.getLogger(__name__)
 
 DTypeLike = Union[str, torch.dtype, None]
 DeviceLike = Union[str, torch.device, None]
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 
 @dataclass(frozen=True)
@@ -178,6 +169,7 @@ def load_model(
         warning=_checkpoint_warning(checkpoint),
     )
     _warn_if_labelled(model.h0mini_weights, stacklevel=3)  # type: ignore[attr-defined]
+    log_preprocessing_changes(arch_name, getattr(model, "pretrained_cfg", None), source)
     logger.info("Loaded %s from %s (revision %s)", arch_name, source, checkpoint.revision or "local")
     return model
 
@@ -185,9 +177,12 @@ def load_model(
 def _load_export(source: str, *, arch: Optional[str], device: DeviceLike, dtype: DTypeLike) -> torch.nn.Module:
     """An ``h0mini export`` folder: fixed architecture and precision, CPU only (ONNX Runtime's CPU provider)."""
     if arch is not None or resolve_dtype(dtype) not in (None, torch.float32):
-        raise ValueError(f"{source!r} is an ONNX export: its architecture and precision are fixed; drop arch= and dtype=")
+        raise InvalidArgumentError(f"{source!r} is an ONNX export: its architecture and precision are fixed; "
+                                   "drop arch= and dtype=", argument="arch" if arch is not None else "dtype",
+                                   accepted="None for an ONNX export")
     if device is not None and str(device) != "auto" and torch.device(device).type != "cpu":
-        raise ValueError(f"{source!r} is an ONNX export and runs on the CPU (ONNX Runtime); use device='cpu'")
+        raise InvalidArgumentError(f"{source!r} is an ONNX export and runs on the CPU (ONNX Runtime); use device='cpu'",
+                                   argument="device", accepted="'auto' or 'cpu' for an ONNX export")
     model = load_onnx_model(source)
     origin = model.config.get("source", {})
     model.h0mini_weights = WeightsInfo(  # type: ignore[attr-defined]
@@ -201,6 +196,41 @@ def _load_export(source: str, *, arch: Optional[str], device: DeviceLike, dtype:
     _warn_if_labelled(model.h0mini_weights, stacklevel=4)  # type: ignore[attr-defined]
     logger.info("Loaded the ONNX export %s (%s, ONNX Runtime)", source, model.precision)
     return model
+
+
+# What decides the pixels the model sees; a config.json that says otherwise than h0mini's built-in cfg is logged.
+PREPROCESSING_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+_LOGGED_CHANGES: set = set()
+
+
+def preprocessing_changes(arch: str, pretrained_cfg: Any) -> Dict[str, Tuple[Any, Any]]:
+    """``{key: (built-in, resolved)}`` for each preprocessing key where ``pretrained_cfg`` differs from the
+    one h0mini registers for ``arch`` (empty for architectures h0mini does not register)."""
+    from .registry import ARCH_ARGS
+
+    if arch not in ARCH_ARGS or pretrained_cfg is None:
+        return {}
+    built_in = timm.models.get_pretrained_cfg(arch).to_dict()
+    resolved = pretrained_cfg.to_dict() if hasattr(pretrained_cfg, "to_dict") else dict(pretrained_cfg)
+    changes = {}
+    for key in PREPROCESSING_KEYS:
+        a, b = built_in.get(key), resolved.get(key)
+        if (tuple(a) if isinstance(a, (list, tuple)) else a) != (tuple(b) if isinstance(b, (list, tuple)) else b):
+            changes[key] = (a, b)
+    return changes
+
+
+def log_preprocessing_changes(arch: str, pretrained_cfg: Any, source: str) -> None:
+    """One warning per process and weights: the Hub's config.json rules (the model card's numbers), and it
+    is said where that changes what h0mini's built-in config would do."""
+    changes = preprocessing_changes(arch, pretrained_cfg)
+    key = (source, arch, tuple(sorted((k, repr(v)) for k, v in changes.items())))
+    if not changes or key in _LOGGED_CHANGES:
+        return
+    _LOGGED_CHANGES.add(key)
+    shown = "; ".join(f"{k} {b!r} (built-in {a!r})" for k, (a, b) in changes.items())
+    logger.warning("%s: the preprocessing of its config.json differs from h0mini's built-in %s config, and is "
+                   "followed (as the model card's timm.create_model does): %s", source, arch, shown)
 
 
 def _warn_if_labelled(weights: WeightsInfo, stacklevel: int) -> None:
@@ -218,9 +248,10 @@ def resolve_dtype(dtype: DTypeLike) -> Optional[torch.dtype]:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     key = str(dtype).lower().replace("torch.", "")
-    if key not in _DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}: use one of {sorted(set(_DTYPES))} or a torch.dtype.")
-    return _DTYPES[key]
+    if key not in DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}",
+                                   argument="dtype", accepted=", ".join(sorted(DTYPES)))
+    return DTYPES[key]
 
 
 def architecture_for(

@@ -21,7 +21,7 @@ from timm.data import create_transform, resolve_data_config
 from timm.data.transforms import str_to_pil_interp
 from torchvision.transforms import v2 as transforms_v2
 
-from .errors import InvalidTileError
+from .errors import InvalidArgumentError, InvalidTileError
 from .tiles import LazyTile, TileRef, centre_crop_resized, check_aspect, open_image, to_rgb
 
 # A tile longer than this many input sizes on a side gets one warning per run (most of it is lost).
@@ -56,7 +56,9 @@ class Preprocessing:
         elif isinstance(input_size, int) and input_size > 0 and input_size % patch == 0:
             size = input_size
         else:
-            raise ValueError(f"input_size must be None, 'native' or a positive multiple of {patch}, got {input_size!r}")
+            raise InvalidArgumentError(
+                f"input_size must be None, 'native' or a positive multiple of {patch}, got {input_size!r}",
+                argument="input_size", accepted=f"None, 'native' or a positive multiple of {patch}")
         prep = cls(
             size=size,
             mean=tuple(float(m) for m in config["mean"]),
@@ -202,11 +204,15 @@ class Preprocessing:
             )
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 or [0, 1] float batch (B, 3, H, W) on the model's device to model input, as ToTensor+Normalize."""
+        """uint8 or [0, 1] float batch (B, 3, H, W) on the model's device to model input, as ToTensor+Normalize.
+
+        Never in place: ``batch`` is left as it was (a float batch is the caller's, or is split and
+        normalised again when a CUDA out-of-memory error makes the batch smaller).
+        """
         x = batch.float().div_(255) if batch.dtype == torch.uint8 else batch.float()
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return x.sub_(mean).div_(std)
+        return (x - mean).div_(std)  # x - mean is a new tensor: batch.float() of float32 is batch itself
 
 
 def _v2_mode(name: str) -> transforms_v2.InterpolationMode:

@@ -85,13 +85,41 @@ default_cfgs = generate_default_cfgs(
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
     # Caller kwargs override the fixed architecture, as in timm's own entrypoints.
-    return build_model_with_cfg(
+    if pretrained and kwargs.get("pretrained_cfg") is None:
+        hub_cfg = _hub_pretrained_cfg(variant)
+        if hub_cfg is not None:
+            kwargs["pretrained_cfg"] = hub_cfg
+    model = build_model_with_cfg(
         VisionTransformer,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         **dict(ARCH_ARGS[variant], **kwargs),
     )
+    if pretrained:
+        from .model import log_preprocessing_changes
+
+        log_preprocessing_changes(variant, model.pretrained_cfg, f"{variant} (pretrained)")
+    return model
+
+
+def _hub_pretrained_cfg(variant: str) -> Dict[str, Any] | None:
+    """The ``pretrained_cfg`` of the Hub repo's config.json, as ``load_model`` and ``hf-hub:`` read it.
+
+    One rule for every way in: preprocessing follows the config that travels with the weights, so
+    ``timm.create_model("h0_mini", pretrained=True)`` gives what ``load_model()`` and the model
+    card's ``timm.create_model("hf-hub:bioptimus/H0-mini")`` give, keys the config leaves out
+    taking timm's defaults there as here.
+    """
+    default = default_cfgs.get(variant)
+    repo_id = default.cfgs[default.tags[0]].hf_hub_id if default is not None and default.tags else None
+    if not repo_id:
+        return None
+    from .hub import resolve_checkpoint
+    from .model import architecture_for
+
+    _, _, cfg = architecture_for(resolve_checkpoint(repo_id))
+    return cfg
 
 
 @register_model

@@ -11,29 +11,42 @@ compiled graph, so a change to the weights is detected and triggers a fresh comp
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
+import types
 import warnings
 import weakref
 from typing import Callable, Iterator, Optional, Tuple, Union
 
 import torch
 
+from .errors import InvalidArgumentError
 from .wording import say
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "float32": None, "fp16": torch.float16, "float16": torch.float16,
-              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+# The one table of dtype names (load_model's dtype= and the precision= of embedding).
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+# As autocast dtypes: None is fp32, no autocast.
+PRECISIONS = {name: (None if dtype is torch.float32 else dtype) for name, dtype in DTYPES.items()}
+PRECISION_NAMES = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def resolve_device(device: Union[str, torch.device]) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise InvalidArgumentError(
+            f"{say('device', '--device')} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}",
+            argument="device", accepted="'auto', 'cpu', 'cuda', 'cuda:N'") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{say('device', '--device')} {str(device)!r} was asked for but CUDA is not available; use "
-                         + say("device='cpu'", "--device cpu"))
+        raise InvalidArgumentError(
+            f"{say('device', '--device')} {str(device)!r} was asked for but CUDA is not available; use "
+            + say("device='cpu'", "--device cpu"), argument="device", accepted="'auto', 'cpu', 'cuda', 'cuda:N'")
     return device
 
 
@@ -51,10 +64,13 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
             return torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
     if key not in PRECISIONS:
-        raise ValueError(f"precision must be 'auto', 'fp32', 'fp16' or 'bf16', got {precision!r}")
+        raise InvalidArgumentError(f"{say('precision', '--precision')} must be 'auto', 'fp32', 'fp16' or 'bf16', "
+                                   f"got {precision!r}", argument="precision", accepted="'auto', 'fp32', 'fp16', 'bf16'")
     dtype = PRECISIONS[key]
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16 support; use precision='fp16'")
+        raise InvalidArgumentError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16 support; use "
+                                   + say("precision='fp16'", "--precision fp16"), argument="precision",
+                                   accepted="'auto', 'fp32', 'fp16'")
     return dtype
 
 
@@ -84,7 +100,7 @@ class ModelForward:
             self.compiled.check_weights = True
 
     def __call__(self, x: torch.Tensor, pad_to: Optional[int] = None) -> torch.Tensor:
-        with self._attention_kernel():
+        with self._eval_mode(), self._attention_kernel():
             if self.compiled is None:
                 return features_fn(self.model)(x)
             count = x.shape[0]
@@ -94,6 +110,27 @@ class ModelForward:
             if self.compiled.failed:
                 self.compiled = None
             return tokens[:count]
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """Eval mode (no dropout, running batch-norm statistics) for this call only.
+
+        A model in training (a validation pass inside a fine-tuning loop) gets its training flags
+        back afterwards, module by module. The lock keeps another thread's forward pass from
+        running while the flags are switched.
+        """
+        if not any(m.training for m in self.model.modules()):
+            yield
+            return
+        with _ATTENTION_SWITCH:
+            training = [m for m in self.model.modules() if m.training]
+            for module in training:
+                module.training = False
+            try:
+                yield
+            finally:
+                for module in training:
+                    module.training = True
 
     @contextlib.contextmanager
     def _attention_kernel(self) -> Iterator[None]:
@@ -143,10 +180,13 @@ def _weights_state(model: torch.nn.Module) -> _WeightsState:
 class _CompiledFeatures:
     """``torch.compile`` of the features function; on CPU with frozen weights, refreshed when they change.
 
-    Dynamo caches compiled graphs per model across wrappers, so embedders of one model share
-    one compilation. With frozen weights that cache would silently keep old weights after an
-    update between two runs (fine-tuning, EMA): the weights' state is remembered per model and
-    a change resets dynamo (every compiled function of the process recompiles on its next call).
+    Dynamo caches compiled graphs per code object. Each model gets an entry function with a code
+    object of its own (``_private_entry``), so embedders of one model share one compilation and
+    nothing else in the process shares it. With frozen weights that cache would silently keep
+    old weights after an update between two runs (fine-tuning, EMA): the weights' state is
+    remembered per model and a change gives the model a fresh code object, so only h0mini's
+    graph of that model is compiled again (never ``torch._dynamo.reset()``, which would also
+    drop the caller's own compiled functions).
     A compiler failure (no C++ compiler) is a warning and the forward pass falls back to eager
     mode: a speed option never stops a job.
     """
@@ -156,7 +196,7 @@ class _CompiledFeatures:
         self.freeze = freeze
         self.failed = False
         self.check_weights = True
-        self._fn = torch.compile(features_fn(model), dynamic=False)
+        self._fn = torch.compile(_private_entry(model), dynamic=False, backend=COMPILE_BACKEND)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.failed:
@@ -167,8 +207,8 @@ class _CompiledFeatures:
             frozen = _FROZEN_WEIGHTS.get(self.model)
             if frozen is not None and frozen != state:
                 logger.info("model weights changed since torch.compile froze them: compiling again")
-                torch._dynamo.reset()  # the frozen constants live in dynamo's cache
-                self._fn = torch.compile(features_fn(self.model), dynamic=False)
+                self._fn = torch.compile(_private_entry(self.model, fresh=True), dynamic=False,
+                                         backend=COMPILE_BACKEND)
             _FROZEN_WEIGHTS[self.model] = state
         try:
             with self._freezing():
@@ -193,6 +233,31 @@ class _CompiledFeatures:
         # Set around every call, not through torch.compile(options=...), which does not
         # reach inductor's freezing pass in torch 2.14 (measured: no speed-up that way).
         return inductor_config.patch(freezing=True)
+
+
+COMPILE_BACKEND = "inductor"  # tests swap in "eager" to check the caching without a C++ build
+
+
+def _entry_template(features: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def entry(x: torch.Tensor) -> torch.Tensor:
+        return features(x)
+
+    return entry
+
+
+_ENTRY_CODES: "weakref.WeakKeyDictionary[torch.nn.Module, types.CodeType]" = weakref.WeakKeyDictionary()
+_ENTRY_NUMBERS = itertools.count()
+
+
+def _private_entry(model: torch.nn.Module, fresh: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``features_fn(model)`` behind a function whose code object belongs to ``model`` (a new one when
+    ``fresh``): dynamo's cache of compiled graphs hangs on that code object, and on nothing shared."""
+    template = _entry_template(features_fn(model))
+    code = None if fresh else _ENTRY_CODES.get(model)
+    if code is None:
+        code = template.__code__.replace(co_name=f"h0mini_features_{next(_ENTRY_NUMBERS)}")
+        _ENTRY_CODES[model] = code
+    return types.FunctionType(code, template.__globals__, code.co_name, None, template.__closure__)
 
 
 # The weights each model had when torch.compile last froze them (values hold no reference to the model).

@@ -358,11 +358,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        pixels = np.asarray(image)
-        if mode == "I" and pixels.max(initial=0) <= 255:
-            scaled = pixels
-        else:
-            scaled = np.round(pixels.astype(np.float64) / 257.0)
+        # One scale for every image of these modes, never read off its content: 0-65535 to 0-255
+        # (Pillow opens 16-bit PNGs and TIFFs as "I" or "I;16"; a dark 16-bit tile stays dark).
+        scaled = np.round(np.asarray(image).astype(np.float64) / 257.0)
         return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")

@@ -183,14 +183,14 @@ def test_default_model_is_loaded_once(monkeypatch, tmp_path, pil_tiles):
     monkeypatch.setenv("H0MINI_WEIGHTS", str(tmp_path / "weights"))
     from h0mini import embed as embed_module
 
-    embed_module._cached_model.cache_clear()
+    embed_module._cached_model.clear()
     calls = []
     real = embed_module.load_model
     monkeypatch.setattr(embed_module, "load_model", lambda w, **kw: calls.append(w) or real(w, **kw))
     first = h0mini.embed_tiles(pil_tiles[0])
     second = h0mini.embed_tiles(pil_tiles[0])
     assert calls == [None] and np.array_equal(first, second)
-    embed_module._cached_model.cache_clear()
+    embed_module._cached_model.clear()
 
 
 # -- image modes --------------------------------------------------------------------------------------

@@ -318,7 +318,7 @@ def test_a_decompression_bomb_warning_names_the_tile(tmp_path, monkeypatch):
 
 # -- messages: Ctrl-C ------------------------------------------------------------------------------
 
-CONSOLE_SCRIPT = "import sys\nfrom h0mini.cli import entrypoint\nsys.exit(entrypoint())\n"  # as pip writes it
+CONSOLE_SCRIPT = "import sys\nfrom _h0mini_command import main\nsys.exit(main())\n"  # as pip writes it
 
 
 @pytest.mark.parametrize("how", ["python -m h0mini", "console script"])

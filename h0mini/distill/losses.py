@@ -129,15 +129,19 @@ class TargetStandardizer(nn.Module):
 
     @torch.no_grad()
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        rows = features.float().reshape(-1, features.shape[-1])
-        n = _all_reduce(torch.tensor([float(rows.shape[0])], device=rows.device))
+        # float64 and centred sums, in two passes over the ranks (the global mean, then squares about
+        # it): E[x^2] - E[x]^2 in float32 loses every digit of a small spread about a large mean
+        # (mean 300, std 0.05 gave an output std of 25, not 1).
+        rows = features.detach().to(torch.float64).reshape(-1, features.shape[-1])
+        n = _all_reduce(torch.tensor([float(rows.shape[0])], dtype=torch.float64, device=rows.device))
         mean = _all_reduce(rows.sum(0)) / n
-        var = _all_reduce(rows.square().sum(0)) / n - mean.square()
+        var = _all_reduce((rows - mean).square().sum(0)) / n
         m = self.momentum if self.count.item() > 0 else 0.0
-        self.mean.mul_(m).add_(mean, alpha=1 - m)
-        self.var.mul_(m).add_(var.clamp_min(0), alpha=1 - m)
+        self.mean.mul_(m).add_(mean.to(self.mean.dtype), alpha=1 - m)
+        self.var.mul_(m).add_(var.to(self.var.dtype), alpha=1 - m)
         self.count.add_(1)
-        return (features.float() - self.mean) / (self.var + self.eps).sqrt()
+        centred = features.to(torch.float64) - self.mean.to(torch.float64)
+        return (centred / (self.var.to(torch.float64) + self.eps).sqrt()).float()
 
 
 def dino_loss(student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[torch.Tensor],

@@ -35,7 +35,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -178,6 +178,41 @@ class TeacherOutput:
     patches: torch.Tensor  # resized to the student's patch grid when the grids differ
 
 
+def teacher_normalisation(teacher: nn.Module) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
+    """The (mean, std) the teacher was trained with, from its ``pretrained_cfg`` (a wrapped CNN's
+    backbone's); None when it has none."""
+    for module in (teacher, getattr(teacher, "backbone", None)):
+        cfg = getattr(module, "pretrained_cfg", None)
+        if cfg is None:
+            continue
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        if cfg.get("mean") is not None and cfg.get("std") is not None:
+            return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+    return None
+
+
+def renormalisation(mean: Sequence[float], std: Sequence[float],
+                    teacher: Optional[Tuple[Sequence[float], Sequence[float]]]
+                    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(scale, shift)`` taking crops normalised with ``mean``/``std`` to the teacher's normalisation
+    (``x * scale + shift``, per channel), or ``(None, None)`` when they agree or the teacher says none.
+
+    ``(x * std + mean - mean_t) / std_t``: exact, and cheaper than normalising the crops twice.
+    """
+    if teacher is None:
+        logger.info("the teacher has no pretrained_cfg mean/std: it gets the crops normalised with data.mean/std")
+        return None, None
+    t_mean, t_std = (torch.tensor(v, dtype=torch.float64) for v in teacher)
+    s_mean, s_std = torch.tensor(tuple(mean), dtype=torch.float64), torch.tensor(tuple(std), dtype=torch.float64)
+    if torch.allclose(t_mean, s_mean, rtol=0, atol=1e-7) and torch.allclose(t_std, s_std, rtol=0, atol=1e-7):
+        return None, None
+    logger.info("the teacher is normalised with its own mean %s, std %s (the student with data.mean/std)",
+                [round(float(v), 6) for v in t_mean], [round(float(v), 6) for v in t_std])
+    scale = (s_std / t_std).float().view(1, 3, 1, 1)
+    shift = ((s_mean - t_mean) / t_std).float().view(1, 3, 1, 1)
+    return scale, shift
+
+
 class Distiller(nn.Module):
     """Owns teacher, trainable student part, teacher heads and loss state; ``forward`` returns the loss dict."""
 
@@ -189,6 +224,10 @@ class Distiller(nn.Module):
         self.teacher = teacher
         self.teacher_dim = teacher_dim
         self.student_patch = patch_size_of(student)
+        # Crops arrive normalised with data.mean/std (the student's); the teacher sees its own statistics.
+        scale, shift = renormalisation(config.data.mean, config.data.std, teacher_normalisation(teacher))
+        self.register_buffer("teacher_scale", scale, persistent=False)
+        self.register_buffer("teacher_shift", shift, persistent=False)
         self.trainable = StudentWithHeads(config, student, teacher_dim)
         d = config.dinov2
         self.teacher_dino_head: Optional[DINOHead] = None
@@ -244,6 +283,8 @@ class Distiller(nn.Module):
     @torch.inference_mode()
     def _teacher_forward(self, global_crops: torch.Tensor) -> TeacherOutput:
         dtype = next(self.teacher.parameters()).dtype
+        if self.teacher_scale is not None:
+            global_crops = global_crops.float() * self.teacher_scale + self.teacher_shift
         out = tokens(self.teacher, global_crops.to(dtype))
         prefix = prefix_tokens_of(self.teacher)
         cls, patches = out[:, 0], out[:, prefix:]

@@ -34,7 +34,7 @@ class SlideEmbeddings:
 
     features: Any  # (N, D) array, or a dict of arrays for embedding="all"
     coords: np.ndarray  # (N, 2) int64, level-0 top-left x, y
-    attributes: Dict[str, Any]  # patch_size, patch_size_level0, level0_mpp, target_mpp, ...
+    attributes: Dict[str, Any]  # patch_size, patch_size_level0, level0_mpp, target_mpp, ..., precision (bf16...)
     tile_names: List[str]
     slide_features: Optional[np.ndarray] = None  # slide_pool="mean": the mean of the tile features
     output: Optional[Path] = None
@@ -149,7 +149,8 @@ def embed_slide(
         saved = read_embeddings(Path(output_path))
         features = saved.arrays if embedder.output == "all" else saved.arrays["features"]
         coords = saved.coords if saved.coords is not None else np.zeros((0, 2), np.int64)
-        return SlideEmbeddings(features, coords, tiles.attributes(), saved.tile_names, saved.slide_features,
+        return SlideEmbeddings(features, coords, dict(tiles.attributes(), precision=embedder.precision),
+                               saved.tile_names, saved.slide_features,
                                Path(output_path), saved.skipped)
     source = TileInput(tiles.regions(), single=False, length=len(tiles), all_paths=not tiles.in_process_only,
                        in_process_only=tiles.in_process_only)
@@ -162,7 +163,8 @@ def embed_slide(
     pooled = None
     if slide_pool == "mean":
         pooled = features.mean(0) if len(features) else np.full(features.shape[1:], np.nan, np.float32)
-    return SlideEmbeddings(features, tiles.coords[keep], tiles.attributes(), names, pooled, None,
+    return SlideEmbeddings(features, tiles.coords[keep], dict(tiles.attributes(), precision=embedder.precision),
+                           names, pooled, None,
                            [{"index": s.index, "path": s.source, "reason": s.reason} for s in skipped])
 
 
