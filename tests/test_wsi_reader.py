@@ -145,6 +145,41 @@ def test_a_forked_worker_opens_its_own_handle(tmp_path):
     assert reader.open_slide_count() == 1 and not parent.closed
 
 
+def _exit_now():
+    os._exit(0)
+
+
+def test_a_fork_waits_for_a_slide_call_in_another_thread():
+    """A worker forked while another thread is inside OpenSlide (or importing it) would inherit
+    locks that nobody releases, and hang: the fork waits for the call to end."""
+    import threading
+    import time
+
+    inside, ended = threading.Event(), []
+
+    def call():
+        with reader._FORK_GUARD:
+            inside.set()
+            time.sleep(0.3)
+            ended.append(time.monotonic())
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    assert inside.wait(timeout=10)
+    child = multiprocessing.get_context("fork").Process(target=_exit_now)
+    child.start()
+    forked = time.monotonic()
+    child.join()
+    thread.join()
+    assert ended and forked >= ended[0]
+    with reader._FORK_GUARD:  # a fork from inside a call does not wait for itself
+        started = time.monotonic()
+        child = multiprocessing.get_context("fork").Process(target=_exit_now)
+        child.start()
+        assert time.monotonic() - started < reader.FORK_WAIT / 2
+        child.join()
+
+
 # -- 2. reopening after a read error -----------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import functools
 import math
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -28,6 +29,65 @@ from ..tiles import to_rgb
 READERS = ("auto", "openslide", "tiffslide")
 _INCH_CM = {"inch": 25400.0, "centimeter": 10000.0, "cm": 10000.0, "millimeter": 1000.0}
 _API = ("level_count", "level_dimensions", "level_downsamples", "properties", "read_region")
+
+
+FORK_WAIT = 10.0  # seconds a fork waits for other threads' slide library calls to end
+
+
+class _ForkGuard:
+    """A fork waits until no other thread is inside a slide library call (open, read, close).
+
+    DataLoader workers are forked while other threads may be opening the next slide: a child
+    forked in the middle of such a call inherits the library's locks (or a half-done import of
+    it) held by a thread that does not exist in the child, and hangs on its first read.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._forking = False
+        self._local = threading.local()
+
+    def __enter__(self) -> None:
+        depth = getattr(self._local, "depth", 0)
+        self._local.depth = depth + 1
+        if depth:
+            return  # already counted: a nested call must not wait for a fork that waits for it
+        with self._cond:
+            while self._forking:
+                self._cond.wait()
+            self._active += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        self._local.depth -= 1
+        if self._local.depth:
+            return
+        with self._cond:
+            self._active -= 1
+            if not self._active:
+                self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        self._cond.acquire()  # held across the fork, so no call starts meanwhile
+        self._forking = True
+        inside = getattr(self._local, "depth", 0) > 0  # the forking thread itself is in a call
+        deadline = time.monotonic() + FORK_WAIT
+        while self._active > inside and time.monotonic() < deadline:
+            self._cond.wait(max(deadline - time.monotonic(), 0.0))
+
+    def after_fork_in_parent(self) -> None:
+        self._forking = False
+        self._cond.notify_all()
+        self._cond.release()
+
+    def after_fork_in_child(self) -> None:
+        self.__init__()  # the other threads' calls do not exist here
+
+
+_FORK_GUARD = _ForkGuard()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_FORK_GUARD.before_fork, after_in_parent=_FORK_GUARD.after_fork_in_parent,
+                        after_in_child=_FORK_GUARD.after_fork_in_child)
 
 
 @dataclass(frozen=True)
@@ -139,7 +199,8 @@ class Slide:
         """Open the file afresh (caller holds the lock); the old handle closes when its reads end."""
         if self._reopen is None:
             raise SlideError("the slide was closed", slide=self.name)
-        fresh = self._reopen()
+        with _FORK_GUARD:
+            fresh = self._reopen()
         if self._handle is not None:
             self._retired.append(self._handle)
         self._handle, self._stale = fresh, False
@@ -148,7 +209,8 @@ class Slide:
         retired, self._retired = self._retired, []
         for handle in retired:
             try:
-                handle.close()
+                with _FORK_GUARD:
+                    handle.close()
             except Exception:  # a handle that failed may fail to close; it is dropped either way
                 pass
 
@@ -195,13 +257,15 @@ class Slide:
         handle = self._acquire()
         try:
             try:
-                region = handle.read_region(*args)
+                with _FORK_GUARD:
+                    region = handle.read_region(*args)
             except Exception as error:
                 if self._reopen is None:
                     raise self._read_error(args, error) from None
                 handle = self._fresh(handle)
                 try:
-                    region = handle.read_region(*args)
+                    with _FORK_GUARD:
+                        region = handle.read_region(*args)
                 except Exception as again:
                     with self._lock:
                         self._stale = self._stale or self._handle is handle
@@ -366,6 +430,11 @@ def open_slide_count() -> int:
 
 def open_slide(slide: Any, *, reader: str = "auto") -> Slide:
     """Open ``slide`` (a path, or an object with OpenSlide's API) with errors that name it."""
+    with _FORK_GUARD:  # imports the libraries on first use, and opening is their longest call
+        return _open_slide(slide, reader)
+
+
+def _open_slide(slide: Any, reader: str) -> Slide:
     if reader not in READERS:
         raise ValueError(f"reader must be one of {READERS}, got {reader!r}")
     if not isinstance(slide, (str, os.PathLike)):

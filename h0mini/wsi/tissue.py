@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from ..errors import SlideError
-from .reader import Slide
+from .reader import _FORK_GUARD, Slide
 
 THUMBNAIL_MPP = 8.0  # µm/px of the picture tissue is detected on
 MIN_SATURATION = 15  # below this, whatever Otsu says, a pixel is glass
@@ -90,7 +90,8 @@ def detect_tissue(thumbnail: Image.Image, scale: float, mpp: float = THUMBNAIL_M
     detector); faint regions alone (dust, glass tint) are not. Then holes under
     ``MAX_HOLE_UM2`` are filled and fragments under ``MIN_OBJECT_UM2`` dropped.
     """
-    from scipy import ndimage
+    with _FORK_GUARD:  # a worker forked during this first import would inherit its lock, held
+        from scipy import ndimage
 
     saturation = np.asarray(thumbnail.convert("HSV").getchannel("S").filter(ImageFilter.MedianFilter(5)))
     threshold = max(otsu_threshold(saturation), MIN_SATURATION)
