@@ -208,8 +208,12 @@ def model(tmp_path_factory):
     return h0mini.load_model(folder)
 
 
+@pytest.mark.parametrize("stored", ["reader", "stored tiles"])
 @pytest.mark.parametrize("name", READERS)
-def test_only_the_corrupt_tiles_are_skipped(tmp_path, model, name):
+def test_only_the_corrupt_tiles_are_skipped(tmp_path, model, monkeypatch, name, stored):
+    # Through the reader's read_region (H0MINI_STORED_TILES=0, and any slide the stored-tile path
+    # does not take), and through the stored JPEG tiles: the same three tiles, and only those.
+    monkeypatch.setenv("H0MINI_STORED_TILES", "0" if stored == "reader" else "1")
     path = write_corrupt_slide(tmp_path / "corrupt.tif")
     if name == "openslide":  # the sticky error this guards against: one bad tile fails every later read
         handle = openslide.OpenSlide(str(path))
@@ -222,11 +226,12 @@ def test_only_the_corrupt_tiles_are_skipped(tmp_path, model, name):
         result = h0mini.embed_slide(path, model, tissue=None, reader=name, on_error="skip", num_workers=0)
     skipped = sorted(s["index"] for s in result.skipped)
     assert skipped == list(BAD_TILES) and len(result) == 16 - len(BAD_TILES)
-    assert all("corrupt.tif" in s["reason"] and "Not a JPEG" in s["reason"] for s in result.skipped)
-    # The good tiles after a bad one are the pixels of a clean read.
-    clean = SlideSource(str(path), name).open()
     good = [i for i in range(16) if i not in BAD_TILES]
     assert [tuple(c) for c in result.coords.tolist()] == [((i % 4) * 224, (i // 4) * 224) for i in good]
+    if stored == "reader":
+        assert all("corrupt.tif" in s["reason"] and "Not a JPEG" in s["reason"] for s in result.skipped)
+    # The reader itself: the bad region is a named error, and the next region reads again.
+    clean = SlideSource(str(path), name).open()
     with pytest.raises(SlideError, match=r"cannot read 224x224 px at level 0, \(224, 0\)"):
         clean.read(0, (224, 0), (224, 224))
-    assert np.asarray(clean.read(0, (448, 0), (224, 224))).std() > 5  # and the next one reads again
+    assert np.asarray(clean.read(0, (448, 0), (224, 224))).std() > 5
