@@ -92,6 +92,18 @@ def test_quiet_prints_nothing_on_success(command, demo, tmp_path, capsys):
     assert capsys.readouterr() == ("", "")
 
 
+def test_quiet_with_skipped_tiles_prints_nothing_and_records_them(demo, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    out = tmp_path / "f.h5"
+    assert main(["embed", str(EXAMPLE_TILES[0]), str(bad), "-o", str(out), "--weights", str(demo), "--on-error",
+                 "skip", "-q"]) == 0
+    assert capsys.readouterr() == ("", "")
+    from h0mini.writers import read_embeddings
+
+    assert [s["path"] for s in read_embeddings(out).skipped] == [str(bad)]
+
+
 def test_quiet_still_prints_errors(tmp_path, capsys):
     assert main(["-q", "embed", str(tmp_path / "missing.png"), "-o", str(tmp_path / "f.h5")]) == 1
     assert capsys.readouterr().err.startswith("error: ")

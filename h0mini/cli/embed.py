@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         usage_error(str(error))
     outcome = embed_to_file(tiles, output, embedder, on_error=args.on_error, part_size=args.save_every,
                             overwrite=args.overwrite, progress=progress(args))
-    for item in outcome.skipped:
+    for item in outcome.skipped if not args.quiet else ():  # recorded in the output either way
         print(f"skipped tile {item['index']} ({shown(item['path'])}): {item['reason']}", file=sys.stderr)
     reused = f", {outcome.reused} reused from an earlier run" if outcome.reused else ""
     result(args, f"{shown(output)}: {outcome.embedded + outcome.reused} tiles ({outcome.embedded} embedded{reused}, "
