@@ -23,6 +23,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PY" precision_parity.py --device cuda --tiles 64
 "$PY" memory.py --device cuda --model h0_mini --tiles 20000
 "$PY" slide_pipeline.py --device cuda --overlap 192 --rounds 3   # needs openslide-python + openslide-bin (.whl)
+# Slide reading (#25): 40x pyramid -> features with H0-mini (random weights) at fp16, batch 256, 16 workers:
+# OpenSlide read_region vs stored tiles vs stored tiles decoded on the GPU (nvJPEG); tiles/s, MFU, slides/hour
+# for a 15,000-tile slide, GPU-decoded pixels vs the CPU path. Needs simplejpeg, tifffile, imagecodecs (.whl).
+"$PY" slide_read.py --device cuda --model h0_mini --workers 16 --batch-size 256 --precision float16 \
+    --repeat 4 --overlap 0 --rounds 2 --gpu-decode --skip-cc0 --rss-reads 500
 "$PY" cohort.py --device cuda --slides 300 --overhead-slides 50 --efficiency-slides 50 --tiles-per-side 4 --batch-size 256 --num-workers 15
 "$PY" distill_step.py --teacher h_optimus_0 --student h0_mini --batch 32 --global-size 224 --local-size 98 --device cuda
 "$PY" plism_scale.py --device cuda --tiles 4096,8139 --check-slides 4

@@ -16,7 +16,8 @@ def benchmarks_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
 
 
-@pytest.mark.parametrize("script", ["model_only", "end_to_end", "precision_parity", "memory", "slide_pipeline", "onnx_runtime"])
+@pytest.mark.parametrize("script", ["model_only", "end_to_end", "precision_parity", "memory", "slide_pipeline", "slide_read",
+                                    "onnx_runtime"])
 def test_benchmark_runs_and_reports(script, capsys):
     rows = importlib.import_module(script).main(["--smoke", "--device", "cpu"])
     assert rows and all(rows)
