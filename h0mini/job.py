@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .embed import TileEmbedder, make_progress
-from .errors import MissingRowsError, SettingsMismatchError, InvalidTileError, shown
+from .errors import InvalidArgumentError, InvalidTileError, MissingRowsError, SettingsMismatchError, shown
 from .tiles import LazyTile, TileInput, TileRef, expand_path
 from .version import __version__
 from .writers import (Embeddings, RowBlocks, atomic_path, check_format, check_writable, raise_if_disk_full,
@@ -138,7 +138,8 @@ def embed_to_file(
     check_format(output_path, embedder.output)
     check_writable(output_path)
     if slide_pool not in (None, "mean"):
-        raise ValueError(f"slide_pool must be None or 'mean', got {slide_pool!r}")
+        raise InvalidArgumentError(f"slide_pool must be None or 'mean', got {slide_pool!r}", argument="slide_pool",
+                                   accepted="None, 'mean'")
     refs = gather_tiles(inputs)
     settings = run_settings(embedder, tiling)
     if slide is not None:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .errors import OptionalDependencyError, OutputNotWritableError
+from .errors import InvalidArgumentError, OptionalDependencyError, OutputNotWritableError
 from .wording import say
 
 FORMATS = (".h5", ".hdf5", ".npy", ".pt", ".parquet")
@@ -90,12 +90,14 @@ def check_format(path: Path, output: str) -> None:
     """Fail before any work when the format cannot hold the output."""
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
-        raise ValueError(f"unknown output format {suffix or '(none)'!r} for {str(path)!r}: use one of {', '.join(FORMATS)}")
+        raise InvalidArgumentError(f"unknown output format {suffix or '(none)'!r} for {str(path)!r}: use one of "
+                                   f"{', '.join(FORMATS)}", argument="output_path", accepted=", ".join(FORMATS))
     if output in MULTI_ARRAY_OUTPUTS and suffix in (".npy", ".parquet"):
-        raise ValueError(f"{say(f'embedding={output!r}', f'--embedding {output}')} holds several arrays: write it "
-                         f"to .h5 or .pt, not {suffix}")
+        raise InvalidArgumentError(f"{say(f'embedding={output!r}', f'--embedding {output}')} holds several arrays: "
+                                   f"write it to .h5 or .pt, not {suffix}", argument="output_path", accepted=".h5, .pt")
     if output == "patch_tokens" and suffix == ".parquet":
-        raise ValueError("patch tokens are 3-D: write them to .h5, .npy or .pt, not .parquet")
+        raise InvalidArgumentError("patch tokens are 3-D: write them to .h5, .npy or .pt, not .parquet",
+                                   argument="output_path", accepted=".h5, .npy, .pt")
     if suffix == ".parquet":
         _pyarrow()  # a missing optional package fails now, not after the embedding
 

@@ -358,3 +358,20 @@ def test_a_config_without_crop_pct_gives_the_same_preprocessing_on_both_paths(tm
     assert Preprocessing.from_model(loaded).describe() == Preprocessing.from_model(created).describe()
     logged = [r.getMessage() for r in caplog.records if "crop_pct" in r.getMessage()]
     assert len(logged) == 2 and all("crop_pct 0.875 (built-in 1.0)" in m for m in logged), logged
+
+
+def test_slide_and_output_argument_errors_are_argument_errors(tmp_path):
+    from pathlib import Path
+
+    from h0mini.writers import check_format
+    from helpers import SLIDE
+
+    for kwargs, argument in (({"mpp": -1.0}, "mpp"), ({"target_mpp": 0}, "target_mpp"), ({"overlap": -1}, "overlap"),
+                             ({"min_tissue": 2}, "min_tissue")):
+        with pytest.raises(InvalidArgumentError) as caught:
+            h0mini.tile_slide(SLIDE, **kwargs)
+        assert caught.value.argument == argument, kwargs
+    for name, embedding in (("out.csv", "cls"), ("out.npy", "all"), ("out.parquet", "patch_tokens")):
+        with pytest.raises(InvalidArgumentError) as caught:
+            check_format(Path(tmp_path / name), embedding)
+        assert caught.value.argument == "output_path"

@@ -111,7 +111,8 @@ def embed_slide(
         ((59, 1536), (59, 2))
     """
     if slide_pool not in (None, "mean"):
-        raise ValueError(f"slide_pool must be None or 'mean', got {slide_pool!r}")
+        raise InvalidArgumentError(f"slide_pool must be None or 'mean', got {slide_pool!r}", argument="slide_pool",
+                                   accepted="None, 'mean'")
     embedding = take_options("embed_slide", embed_slide, options, {"embedding": embedding})["embedding"]
     settings = dict(embedding=embedding, batch_size=batch_size, device=device, precision=precision,
                     num_workers=num_workers, input_size=input_size, compile=compile, jpeg_decode=jpeg_decode,
@@ -128,7 +129,8 @@ def embed_slide(
     else:
         embedder = TileEmbedder(model, **settings)
     if slide_pool and embedder.output not in ("cls", "mean", "cls+mean"):
-        raise ValueError(f"slide_pool='mean' needs vector outputs (cls, mean, cls+mean), not {embedder.output!r}")
+        raise InvalidArgumentError(f"slide_pool='mean' needs vector outputs (cls, mean, cls+mean), not {embedder.output!r}",
+                                   argument="slide_pool", accepted="None with this embedding")
     tiles = tile_slide(
         slide, mpp=mpp, target_mpp=target_mpp, tile_size=embedder.preprocessing.size or 224, overlap=overlap,
         tissue=tissue, min_tissue=min_tissue, reader=reader, allow_upsampling=allow_upsampling,

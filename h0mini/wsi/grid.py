@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import SlideError
+from ..errors import InvalidArgumentError, SlideError
 from ..tiles import LazyTile
 from . import stored_tiles
 from .reader import Slide, SlideSource, describe_slide, open_slide
@@ -69,11 +69,14 @@ def plan_tiling(
 ) -> TilingPlan:
     """Choose the level and read size for ``tile_size`` px tiles at ``target_mpp`` µm/px."""
     if not (isinstance(tile_size, int) and tile_size > 0):
-        raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}")
+        raise InvalidArgumentError(f"tile_size must be a positive integer, got {tile_size!r}", argument="tile_size",
+                                   accepted="a positive integer")
     if not (isinstance(overlap, int) and 0 <= overlap < tile_size):
-        raise ValueError(f"overlap must be an integer in [0, tile_size), got {overlap!r}")
+        raise InvalidArgumentError(f"overlap must be an integer in [0, tile_size), got {overlap!r}", argument="overlap",
+                                   accepted="an integer in [0, tile_size)")
     if not (target_mpp and target_mpp > 0 and math.isfinite(target_mpp)):
-        raise ValueError(f"target_mpp must be a positive number of µm/px, got {target_mpp!r}")
+        raise InvalidArgumentError(f"target_mpp must be a positive number of µm/px, got {target_mpp!r}",
+                                   argument="target_mpp", accepted="a positive number of µm/px")
     source = "argument"
     if mpp is None:
         mpp, source = slide.metadata_mpp(), "metadata"
@@ -85,7 +88,8 @@ def plan_tiling(
                 slide=slide.name,
             )
     elif not (mpp > 0 and math.isfinite(mpp)):
-        raise ValueError(f"mpp must be a positive number of µm/px, got {mpp!r}")
+        raise InvalidArgumentError(f"mpp must be a positive number of µm/px, got {mpp!r}", argument="mpp",
+                                   accepted="a positive number of µm/px, or None (from the slide)")
     levels = [(lvl, mpp * slide.level_downsample(lvl)) for lvl in range(slide.level_count)]
     close = [lv for lv in levels if abs(lv[1] / target_mpp - 1) <= tolerance]
     finer = [lv for lv in levels if lv[1] < target_mpp]
@@ -297,7 +301,8 @@ def tile_slide(
             target would need upsampling.
     """
     if not 0.0 <= float(min_tissue) <= 1.0:
-        raise ValueError(f"min_tissue must be in [0, 1], got {min_tissue!r}")
+        raise InvalidArgumentError(f"min_tissue must be in [0, 1], got {min_tissue!r}", argument="min_tissue",
+                                   accepted="a number in [0, 1]")
     if isinstance(slide, (str, os.PathLike)):  # this process's cached handle, shared with QC and reads here
         handle = SlideSource(os.fspath(slide), reader).open()
         source = SlideSource(os.fspath(slide), handle.reader)  # workers use the library that opened it here
@@ -316,7 +321,8 @@ def tile_slide(
         settings = {"method": "otsu-saturation-hysteresis", "thumbnail_mpp": THUMBNAIL_MPP,
                     "threshold": mask.threshold, "floor": MIN_SATURATION, "min_tissue": float(min_tissue)}
     elif isinstance(tissue, str) and not os.path.exists(tissue):
-        raise ValueError(f"tissue must be 'otsu', None, a mask array/image or a mask file, got {tissue!r}")
+        raise InvalidArgumentError(f"tissue must be 'otsu', None, a mask array/image or a mask file, got {tissue!r}",
+                                   argument="tissue", accepted="'otsu', None, a mask array or image, a mask file")
     else:
         mask = mask_from_user(tissue, handle.dimensions, handle.name)
         settings = {"method": "user mask", "min_tissue": float(min_tissue),
