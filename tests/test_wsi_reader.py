@@ -229,7 +229,7 @@ def test_only_the_corrupt_tiles_are_skipped(tmp_path, model, monkeypatch, name, 
     good = [i for i in range(16) if i not in BAD_TILES]
     assert [tuple(c) for c in result.coords.tolist()] == [((i % 4) * 224, (i // 4) * 224) for i in good]
     if stored == "reader":
-        assert all("corrupt.tif" in s["reason"] and "Not a JPEG" in s["reason"] for s in result.skipped)
+        assert all("Not a JPEG" in s["reason"] for s in result.skipped)
     # The reader itself: the bad region is a named error, and the next region reads again.
     clean = SlideSource(str(path), name).open()
     with pytest.raises(SlideError, match=r"cannot read 224x224 px at level 0, \(224, 0\)"):
