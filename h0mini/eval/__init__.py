@@ -5,6 +5,8 @@
   plism-benchmark's by default (its float16 arithmetic, tile subset and rounding).
 * ``perturb`` and ``report``: a robustness self-check on your own tiles, written as a report
   folder (CSV, Markdown, PNG plots); ``h0mini robustness`` on the command line.
+* ``hest``: HEST-Benchmark gene-expression prediction (PCA + ridge + Pearson per gene), scored
+  as HEST's code scores it, on task folders as published (``h0mini hest`` on the command line).
 * ``probe`` and ``eva``: linear probing with kaiko's eva protocol (per-dataset settings by eva
   config name), kNN and logistic-regression baselines, PathoROB's
   robustness index (RI) and de Jong et al.'s ratio.
@@ -17,6 +19,7 @@ imported only by the functions that need them.
 from __future__ import annotations
 
 from .eva import EVA_TASKS, EvaTask, eva_task
+from .hest import HEST_TASKS, HestWarning, hest_benchmark
 from .perturb import PERTURBATIONS, Perturbation, perturb
 from .plism import (
     GROUPS,
@@ -58,6 +61,8 @@ __all__ = [
     "EVA_TASKS",
     "EvaTask",
     "GROUPS",
+    "HEST_TASKS",
+    "HestWarning",
     "PERTURBATIONS",
     "PLISM_SCANNERS",
     "PLISM_STAININGS",
@@ -76,6 +81,7 @@ __all__ = [
     "eva_task",
     "de_jong_ratio",
     "find_feature_files",
+    "hest_benchmark",
     "knn_probe",
     "leaderboard_results",
     "leaderboard_score",
