@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
 
 import h0mini
 from h0mini.embed import TileEmbedder
-from h0mini.runtime import cpu_has_fast_bf16, resolve_precision
+from h0mini.runtime import resolve_precision
 from h0mini.errors import InvalidTileError
 from helpers import EXAMPLE_TILES, make_model, slide_tiles, write_checkpoint
 
@@ -26,9 +25,27 @@ def pil_tiles():
     return [Image.open(p).convert("RGB") for p in EXAMPLE_TILES[:5]]
 
 
-def model_card(model, images):
-    """The model card's recipe: timm's eval transform per PIL image, then the forward, CLS + patch mean."""
-    transform = create_transform(**resolve_data_config(model.pretrained_cfg, model=model))
+# The upstream values, typed out here rather than read from h0mini's config, so that a wrong constant
+# or a config that drifts cannot agree with itself (REFERENCE: H-optimus normalisation, bicubic,
+# crop_pct 1.0, 224 px).
+UPSTREAM_MEAN = (0.707223, 0.578729, 0.703617)
+UPSTREAM_STD = (0.211883, 0.230117, 0.177517)
+
+
+def model_card_transform(size=224, crop_pct=1.0):
+    """timm's eval transform for that config, spelled out: resize the shorter side to floor(size / crop_pct)
+    (bicubic, PIL), centre crop, ToTensor, Normalize."""
+    import math
+
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(math.floor(size / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(size), T.ToTensor(), T.Normalize(UPSTREAM_MEAN, UPSTREAM_STD)])
+
+
+def model_card(model, images, crop_pct=1.0):
+    """The model card's recipe with the literal upstream preprocessing, then the forward, CLS + patch mean."""
+    transform = model_card_transform(crop_pct=crop_pct)
     with torch.inference_mode():
         tokens = model(torch.stack([transform(im) for im in images]))
     return torch.cat([tokens[:, 0], tokens[:, model.num_prefix_tokens:].mean(1)], dim=-1).numpy()
@@ -47,8 +64,11 @@ def test_full_h0_mini_matches_the_model_card_on_real_tiles(pil_tiles):
     batched matmuls (same batch of 4 both ways), so agreement must be at float32 rounding level.
     1e-4 absolute on values of order 1 leaves room for a different BLAS blocking, nothing more."""
     model = make_model("h0_mini")
-    expected = model_card(model, pil_tiles[:4])
-    got = h0mini.embed_tiles(pil_tiles[:4], model, precision="fp32", batch_size=4)
+    # Two 224 px tiles, one of 256 px and one not square (300 x 250): the resize and crop too.
+    tiles = [*pil_tiles[:2], pil_tiles[2].resize((256, 256), Image.Resampling.BILINEAR),
+             pil_tiles[3].resize((300, 250), Image.Resampling.BILINEAR)]
+    expected = model_card(model, tiles)
+    got = h0mini.embed_tiles(tiles, model, precision="fp32", batch_size=4)
     assert got.shape == (4, 1536)
     assert np.abs(got - expected).max() < 1e-4
     assert np.abs(expected).max() > 0.1  # the blocks do something (trained-like LayerScale)
@@ -61,10 +81,10 @@ def test_bf16_on_cpu_stays_close_to_fp32_on_real_tiles(tiny):
     assert cosine(fp32, bf16).min() > 0.999
 
 
-def test_auto_precision_follows_the_hardware():
-    expected = torch.bfloat16 if cpu_has_fast_bf16() else None
-    assert resolve_precision("auto", torch.device("cpu")) is expected
+def test_explicit_precisions_and_bad_names():
+    # What "auto" picks on each kind of CPU: tests/test_paths.py::test_auto_precision_on_the_cpu_follows_...
     assert resolve_precision("fp32", torch.device("cpu")) is None
+    assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
     with pytest.raises(ValueError, match="precision must be"):
         resolve_precision("int3", torch.device("cpu"))
 
@@ -320,7 +340,7 @@ def test_crop_pct_below_one_resizes_even_224_px_tiles_as_the_model_card(pil_tile
     from h0mini.testing import random_model
 
     model = random_model(pretrained_cfg_overlay=dict(crop_pct=0.875))
-    expected = model_card(model, pil_tiles[:2])
+    expected = model_card(model, pil_tiles[:2], crop_pct=0.875)
     for tiles in (pil_tiles[:2], np.stack([np.asarray(t) for t in pil_tiles[:2]])):
         got = h0mini.embed_tiles(tiles, model, precision="fp32")
         assert np.abs(got - expected).max() < 1e-5

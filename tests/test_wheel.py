@@ -28,15 +28,17 @@ def package_data_files():
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
     build = tmp_path_factory.mktemp("build")
-    egg_info_was_there = (ROOT / "h0mini.egg-info").exists()
+    # Built from a copy: setuptools writes build/ and h0mini.egg-info/ beside the sources, and the
+    # checkout's own (a developer's) must be left alone. (Not named "src": setuptools reads that
+    # as a src layout.)
+    source = build / "h0mini-source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "tests", "benchmarks", "docs"))
     # --no-build-isolation: setuptools from this environment, nothing fetched.
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(out), str(source)],
         check=True, cwd=build, env=dict(os.environ, TMPDIR=str(build)),
     )
-    shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools' scratch folders in the checkout
-    if not egg_info_was_there:
-        shutil.rmtree(ROOT / "h0mini.egg-info", ignore_errors=True)
     (found,) = out.glob("h0mini-*.whl")
     return found
 
