@@ -24,7 +24,7 @@ from ..wording import command_line_words
 from .choices import DEFAULT_BATCH_SIZE, EMBEDDINGS, JPEG_DECODERS, PRECISIONS
 
 # Subcommand modules, each with add_parser(subparsers) and run(args) -> int.
-COMMANDS = ("card", "demo_weights", "download", "embed", "embed_slides", "export", "robustness")
+COMMANDS = ("card", "demo_weights", "download", "embed", "embed_slides", "export", "hest", "robustness")
 
 USAGE_ERROR = 2
 
