@@ -13,7 +13,7 @@ from PIL import Image
 import h0mini
 from h0mini.embed import SkippedTilesWarning
 from h0mini.errors import SlideError
-from h0mini.wsi import grid, stored_tiles, tile_slide
+from h0mini.wsi import stored_tiles, tile_slide
 from helpers import SLIDE, write_checkpoint
 
 openslide = pytest.importorskip("openslide")
