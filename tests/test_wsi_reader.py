@@ -235,3 +235,17 @@ def test_only_the_corrupt_tiles_are_skipped(tmp_path, model, monkeypatch, name, 
     with pytest.raises(SlideError, match=r"cannot read 224x224 px at level 0, \(224, 0\)"):
         clean.read(0, (224, 0), (224, 224))
     assert np.asarray(clean.read(0, (448, 0), (224, 224))).std() > 5
+
+
+# -- 8. an absurd µm/px ---------------------------------------------------------------------------------
+
+
+def test_a_slide_smaller_than_one_tile_says_the_mpp_looks_wrong(tmp_path):
+    path = write_tiff(tmp_path / "s.tif", he_pixels(896, 896))
+    with pytest.raises(SlideError, match=r"at 0\.001 µm/px \(you passed so\) the slide is 0\.896 x 0\.896 µm, smaller "
+                                         r"than one 224 px tile at 0\.5 µm/px \(112 µm\).*looks wrong.*--mpp") as caught:
+        tile_slide(path, mpp=0.001)
+    assert "s.tif" in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(SlideError, match="metadata says so"):
+        tile_slide(write_tiff(tmp_path / "m.tif", he_pixels(448, 448), mpp=0.0001))
+    assert len(tile_slide(path, mpp=0.5, tissue=None)) == 16  # the same slide at its real µm/px

@@ -114,6 +114,15 @@ def plan_tiling(
     size0 = max(1, round(read_size * downsample))
     stride0 = max(1, round((tile_size - overlap) * size0 / tile_size))
     width, height = slide.dimensions
+    if width < size0 or height < size0:
+        side = tile_size * target_mpp
+        told = "the slide's metadata says" if source == "metadata" else "you passed"
+        raise SlideError(
+            f"at {mpp:g} µm/px ({told} so) the slide is {width * mpp:.4g} x {height * mpp:.4g} µm, smaller than "
+            f"one {tile_size} px tile at {target_mpp:g} µm/px ({side:.4g} µm): no tile fits. That µm/px looks "
+            "wrong for a whole slide: pass the right one, e.g. mpp=0.25 (Python) or --mpp 0.25 (command line)",
+            slide=slide.name,
+        )
     return TilingPlan(
         level0_mpp=float(mpp), target_mpp=float(target_mpp), tile_size=tile_size, overlap=overlap,
         read_level=level, read_mpp=float(level_mpp), read_size=int(read_size), patch_size_level0=int(size0),
