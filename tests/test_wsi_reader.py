@@ -249,3 +249,23 @@ def test_a_slide_smaller_than_one_tile_says_the_mpp_looks_wrong(tmp_path):
     with pytest.raises(SlideError, match="metadata says so"):
         tile_slide(write_tiff(tmp_path / "m.tif", he_pixels(448, 448), mpp=0.0001))
     assert len(tile_slide(path, mpp=0.5, tissue=None)) == 16  # the same slide at its real µm/px
+
+
+# -- 7. QC leftovers ------------------------------------------------------------------------------------
+
+
+def test_writing_a_qc_picture_removes_a_killed_writers_temporary(tmp_path):
+    from h0mini.wsi import save_qc_image
+
+    tiles = tile_slide(write_tiff(tmp_path / "s.tif", he_pixels(448, 448)), tissue=None)
+    qc = tmp_path / "qc"
+    qc.mkdir()
+    dead = multiprocessing.get_context("fork").Process(target=_exit_now)
+    dead.start()
+    dead.join()  # a pid that no process has now
+    stale = qc / f".s.png.{dead.pid}-0a1b2c3d.tmp"
+    stale.write_bytes(b"half a png")
+    live = qc / f".s.png.{os.getpid()}-0a1b2c3d.tmp"  # a live writer's is kept
+    live.write_bytes(b"being written")
+    save_qc_image(tiles, qc / "s.png")
+    assert sorted(p.name for p in qc.iterdir()) == sorted(["s.png", live.name])

@@ -41,10 +41,12 @@ def qc_image(tiles: SlideTiles, thumbnail: Optional[Image.Image] = None) -> Imag
 
 
 def save_qc_image(tiles: SlideTiles, path: Union[str, os.PathLike]) -> Path:
-    """Write the QC picture as PNG (atomically: a picture under its name is always whole)."""
-    from ..writers import atomic_path
+    """Write the QC picture as PNG (atomically: a picture under its name is always whole), removing the
+    temporary files that killed writers of the same picture left beside it."""
+    from ..writers import atomic_path, remove_stale_temp
 
     path = Path(path)
+    remove_stale_temp(path)
     with atomic_path(path) as tmp:
         qc_image(tiles).save(tmp, format="PNG")
     return path
