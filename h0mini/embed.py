@@ -115,8 +115,8 @@ def embed_tiles(
             available, else the CPU. ``"cpu"``, ``"cuda:1"``...: the model is moved there.
         precision: ``"auto"`` (fp16 on CUDA; bf16 on CPUs with native bf16, else fp32), ``"fp32"``,
             ``"fp16"`` or ``"bf16"``: autocast dtype of the forward pass.
-        num_workers: DataLoader worker processes decoding files. ``"auto"``: up to 8 on CUDA, 1 on CPU,
-            none for small inputs.
+        num_workers: DataLoader worker processes decoding files. ``"auto"``: up to 8 on CUDA (none for
+            small inputs); none on CPU, where a background thread decodes (measured faster there).
         progress: progress bar with tiles/s; default shown on a terminal or notebook.
         on_error: ``"raise"`` (an ``InvalidTileError`` naming the tile; embeddings already computed are on
             its ``partial`` attribute) or ``"skip"`` (bad tiles are left out of the result and listed in a
@@ -377,7 +377,9 @@ class TileEmbedder:
         if source.length is not None and source.length < 4 * self.batch_size:
             return 0  # starting processes costs more than decoding a few tiles in a thread
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return min(8, max(1, cpus - 1)) if self.device.type == "cuda" else 1
+        # On a CPU the model already uses every core: a worker process only oversubscribes them (2 cores:
+        # 5-7x slower with one worker than with the decoding thread, benchmarks/cohort.py).
+        return min(8, max(1, cpus - 1)) if self.device.type == "cuda" else 0
 
     # -- forward ---------------------------------------------------------------------------
 
