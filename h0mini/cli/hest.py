@@ -21,13 +21,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Pearson r per gene on each test fold, the task score the mean over folds. Prints the leaderboard "
             "row (the mean over tasks, then each task in HEST's column order). Needs the extra h0mini[eval]."
         ),
-        epilog="example: h0mini hest hest-bench/bench_data/IDC hest-bench/bench_data/PRAD -o results/ --output-kind cls",
+        epilog="example: h0mini hest hest-bench/bench_data/IDC hest-bench/bench_data/PRAD -o results/ --embedding cls",
     )
     parser.add_argument("tasks", nargs="+", metavar="TASK_DIR", help="HEST-bench task folders (splits/, patches/, adata/, var_50genes.json)")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="results folder: <TASK>/results_kfold.json, split<i>/results.json, embeddings/")
     parser.add_argument("--weights", default=None, help="Hub repo id, local folder or weights file (default: bioptimus/H0-mini)")
     parser.add_argument(
-        "--output-kind",
+        "--embedding",
         default="cls",
         choices=("cls", "cls+mean", "mean"),
         help="embedding: cls (the leaderboard's, default) or cls+mean (the H0-mini paper's)",
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             task,
             model,
             embeddings=Path(args.embeddings) / name if args.embeddings else None,
-            output=args.output_kind,
+            embedding=args.embedding,
             output_dir=out / name,
             dimreduce=None if args.no_pca else "PCA",
             n_components=args.n_components,

@@ -141,7 +141,7 @@ def write_embeddings(path: PathLike, embeddings: np.ndarray, barcodes: Sequence[
     os.replace(partial, path)
 
 
-def embed_patches(patches_path: PathLike, model: Any, *, output: str = "cls", **embed_kwargs: Any) -> Tuple[np.ndarray, List[str], np.ndarray]:
+def embed_patches(patches_path: PathLike, model: Any, *, embedding: str = "cls", **embed_kwargs: Any) -> Tuple[np.ndarray, List[str], np.ndarray]:
     """Embed the ``img`` stack of a HEST patch h5 with ``h0mini.embed_tiles``; its barcodes and coords."""
     import h5py
 
@@ -154,7 +154,7 @@ def embed_patches(patches_path: PathLike, model: Any, *, output: str = "cls", **
         images = np.asarray(f["img"][:])
         barcodes = _decode(f[key][:])
         coords = np.asarray(f["coords"][:]) if "coords" in f else np.zeros((len(barcodes), 2))
-    embeddings = embed_tiles(images, model, output=output, **embed_kwargs)
+    embeddings = embed_tiles(images, model, embedding=embedding, **embed_kwargs)
     return np.asarray(embeddings, dtype=np.float32), barcodes, coords
 
 
@@ -310,7 +310,7 @@ def hest_benchmark(
     model: Any = None,
     *,
     embeddings: Optional[PathLike] = None,
-    output: str = "cls",
+    embedding: str = "cls",
     cache_dir: Optional[PathLike] = None,
     output_dir: Optional[PathLike] = None,
     n_components: Optional[int] = N_COMPONENTS,
@@ -328,7 +328,8 @@ def hest_benchmark(
         model: what ``h0mini.embed_tiles`` takes (a loaded model, weights). Default: H0-mini.
         embeddings: a folder of ``<sample_id>.h5`` embedding files in HEST's layout
             (``embeddings``, ``barcodes``, ``coords``); nothing is embedded then.
-        output: the embedding (``"cls"``: the leaderboard's; ``"cls+mean"``: the paper's).
+        embedding: which embedding (``"cls"``: the leaderboard's; ``"cls+mean"``: the H0-mini paper's).
+            ``"cls"`` with ``precision="auto"`` (fp16 on CUDA) is the leaderboard's setting.
         cache_dir: where embeddings are cached per sample (HEST's layout). A sample whose file
             exists is not embedded again, so an interrupted run resumes. Default: ``embeddings/``
             in ``output_dir``, or nowhere (kept in memory) without one.
@@ -388,7 +389,7 @@ def hest_benchmark(
                 patches = task_dir / row["patches_path"]
                 if not patches.is_file():
                     raise EvaluationInputError(f"sample {sid}: patch file {patches} not found")
-                emb, barcodes, coords = embed_patches(patches, model, output=output, **embed_kwargs)
+                emb, barcodes, coords = embed_patches(patches, model, embedding=embedding, **embed_kwargs)
                 if cached is not None:
                     write_embeddings(cached, emb, barcodes, coords)
         expression, unmatched = read_expression(task_dir / row["expr_path"], barcodes, genes, sample_id=sid)
