@@ -269,3 +269,40 @@ def test_writing_a_qc_picture_removes_a_killed_writers_temporary(tmp_path):
     live.write_bytes(b"being written")
     save_qc_image(tiles, qc / "s.png")
     assert sorted(p.name for p in qc.iterdir()) == sorted(["s.png", live.name])
+
+
+# -- 4. OME-TIFF ----------------------------------------------------------------------------------------
+
+
+def write_ome_pyramid(path: Path, pixels: np.ndarray, physical_size: float, unit: str) -> Path:
+    """An OME-TIFF pyramid as tifffile writes it: level 0, the other levels in SubIFDs, µm/px only in the OME-XML."""
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(pixels, subifds=2, tile=(224, 224), compression="zlib", photometric="rgb",
+                  metadata={"PhysicalSizeX": physical_size, "PhysicalSizeXUnit": unit,
+                            "PhysicalSizeY": physical_size, "PhysicalSizeYUnit": unit})
+        for factor in (2, 4):
+            level = Image.fromarray(pixels).resize((pixels.shape[1] // factor, pixels.shape[0] // factor),
+                                                   Image.Resampling.BOX)
+            tif.write(np.asarray(level), subfiletype=1, tile=(224, 224), compression="zlib", photometric="rgb")
+    return path
+
+
+@pytest.mark.skipif("tiffslide" not in READERS, reason="tiffslide reads OME's SubIFD levels")
+def test_an_ome_pyramid_is_read_by_levels_with_its_ome_mpp(tmp_path):
+    pixels = he_pixels(896, 896)
+    path = write_ome_pyramid(tmp_path / "slide.ome.tif", pixels, 0.00025, "mm")  # 0.25 µm/px, in mm
+    assert len(openslide.OpenSlide(str(path)).level_dimensions) == 1  # what OpenSlide sees of it
+    tiles = tile_slide(path, tissue=None)
+    assert tiles.source.reader == "tiffslide"
+    assert tiles.plan.level0_mpp == pytest.approx(0.25) and tiles.plan.mpp_source == "metadata"
+    assert (tiles.plan.read_level, tiles.plan.read_size, tiles.plan.patch_size_level0) == (1, 224, 448)
+    level1 = np.asarray(Image.fromarray(pixels).resize((448, 448), Image.Resampling.BOX))
+    np.testing.assert_array_equal(np.asarray(tiles[1].load()), level1[0:224, 224:448])
+    renamed = tmp_path / "plain-name.tif"  # found by its content, not its name
+    os.replace(path, renamed)
+    assert tile_slide(renamed, tissue=None).source.reader == "tiffslide"
+    from h0mini.wsi.reader import ome_mpp
+
+    assert ome_mpp('<OME xmlns="x"><Image><Pixels PhysicalSizeX="0.5"/></Image></OME>') == 0.5  # µm by default
+    assert ome_mpp('<OME><Image><Pixels PhysicalSizeX="250" PhysicalSizeXUnit="nm"/></Image></OME>') == 0.25
+    assert ome_mpp("<OME><Image><Pixels/></Image></OME>") is None and ome_mpp("Aperio Image Library") is None

@@ -447,6 +447,8 @@ def _open_slide(slide: Any, reader: str) -> Slide:
     if os.path.getsize(path) == 0:
         raise SlideError("the file is empty", slide=path)
     readers = _readers(reader)
+    if reader == "auto" and len(readers) > 1 and _is_ome(path):
+        readers = sorted(readers, key=lambda r: r[0] != "tiffslide")  # tiffslide reads OME's SubIFD levels
     failures = []
     for name, opener in readers:
         try:
@@ -495,7 +497,11 @@ def _readers(reader: str):
 
 
 def mpp_from_properties(props: Dict[str, Any]) -> Optional[float]:
-    """Level-0 µm/px from OpenSlide/tiffslide properties, Aperio's MPP, or the TIFF resolution tags."""
+    """Level-0 µm/px from OME-XML (PhysicalSizeX, in its unit), OpenSlide/tiffslide properties, Aperio's
+    MPP, or the TIFF resolution tags."""
+    ome = ome_mpp(props.get("tiff.ImageDescription"))
+    if ome is not None:
+        return ome
     for key in ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP"):
         value = _positive_float(props.get(key))
         if value is not None:
@@ -505,6 +511,53 @@ def mpp_from_properties(props: Dict[str, Any]) -> Optional[float]:
     if resolution is not None and unit in _INCH_CM:
         return _INCH_CM[unit] / resolution
     return None
+
+
+_OME_UNITS_UM = {"m": 1e6, "dm": 1e5, "cm": 1e4, "mm": 1e3, "µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3,
+                 "pm": 1e-6, "Å": 1e-4}
+
+
+def ome_mpp(description: Any) -> Optional[float]:
+    """µm/px of the first image of an OME-XML description: PhysicalSizeX in PhysicalSizeXUnit (µm
+    when absent, as the OME schema says), or None."""
+    if not isinstance(description, str) or "<OME" not in description[:4096]:
+        return None
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.fromstring(description)
+    except ElementTree.ParseError:
+        return None
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+    size = _positive_float(pixels.get("PhysicalSizeX"))
+    unit = _OME_UNITS_UM.get(pixels.get("PhysicalSizeXUnit", "µm"))
+    return size * unit if size is not None and unit is not None else None
+
+
+def _is_ome(path: str) -> bool:
+    """An OME-TIFF: its pyramid is in SubIFDs, which OpenSlide does not read (it sees level 0 only)."""
+    name = path.lower()
+    if name.endswith((".ome.tif", ".ome.tiff")):
+        return True
+    if not name.endswith((".tif", ".tiff")):
+        return False
+    try:
+        import tifffile
+    except ImportError:
+        return False
+    import logging
+
+    log = logging.getLogger("tifffile")
+    level, log.level = log.level, logging.CRITICAL  # a damaged file is the readers' to report
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return bool(tif.is_ome)
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: the readers say what it is
+        return False
+    finally:
+        log.level = level
 
 
 def _positive_float(value: Any) -> Optional[float]:
