@@ -306,3 +306,21 @@ def test_an_ome_pyramid_is_read_by_levels_with_its_ome_mpp(tmp_path):
     assert ome_mpp('<OME xmlns="x"><Image><Pixels PhysicalSizeX="0.5"/></Image></OME>') == 0.5  # µm by default
     assert ome_mpp('<OME><Image><Pixels PhysicalSizeX="250" PhysicalSizeXUnit="nm"/></Image></OME>') == 0.25
     assert ome_mpp("<OME><Image><Pixels/></Image></OME>") is None and ome_mpp("Aperio Image Library") is None
+
+
+# -- 5. truncated files ----------------------------------------------------------------------------------
+
+
+def test_a_truncated_slide_is_one_line_that_says_truncated(tmp_path, capsys, caplog):
+    data = SLIDE.read_bytes()
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SlideError, match="looks truncated or corrupt") as caught:
+        tile_slide(cut)
+    message = str(caught.value)
+    assert "cut.svs" in message and "\n" not in message and str(len(data) // 2) in message
+    assert "tifffile" not in capsys.readouterr().err and not [r for r in caplog.records if r.name == "tifffile"]
+    tiled = write_tiff(tmp_path / "tiled.tif", he_pixels(896, 896))  # its tile data cut: opens, reads fail
+    tiled.write_bytes(tiled.read_bytes()[: tiled.stat().st_size // 3])
+    with pytest.raises(SlideError, match="looks truncated or corrupt"):
+        SlideSource(str(tiled), "openslide").open().read(0, (672, 672), (224, 224))

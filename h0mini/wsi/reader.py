@@ -12,6 +12,7 @@ from a magnification.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import threading
@@ -290,8 +291,9 @@ class Slide:
 
     def _read_error(self, args: Tuple[Any, ...], error: Exception) -> SlideError:
         (x, y), level, (w, h) = args
-        return SlideError(f"cannot read {w}x{h} px at level {level}, ({x}, {y}): {type(error).__name__}: {error}",
-                          slide=self.name)
+        said = " ".join(f"{type(error).__name__}: {error}".split())
+        hint = "; the file looks truncated or corrupt: copy it again from its source" if _looks_truncated(said) else ""
+        return SlideError(f"cannot read {w}x{h} px at level {level}, ({x}, {y}): {said}{hint}", slide=self.name)
 
 
 # -- the open slides of this process -----------------------------------------------------------------
@@ -450,17 +452,53 @@ def _open_slide(slide: Any, reader: str) -> Slide:
     if reader == "auto" and len(readers) > 1 and _is_ome(path):
         readers = sorted(readers, key=lambda r: r[0] != "tiffslide")  # tiffslide reads OME's SubIFD levels
     failures = []
-    for name, opener in readers:
-        try:
-            return _checked(Slide(opener(path), path, name, reopen=functools.partial(opener, path)))
-        except SlideError:
-            raise
-        except Exception as error:  # each library has its own "unsupported format" exceptions
-            failures.append(f"{name}: {' '.join(str(error).split()) or type(error).__name__}")
+    with _TiffNotes() as notes:  # tifffile logs what it finds wrong: it goes into the error, not the log
+        for name, opener in readers:
+            try:
+                return _checked(Slide(opener(path), path, name, reopen=functools.partial(opener, path)))
+            except SlideError:
+                raise
+            except Exception as error:  # each library has its own "unsupported format" exceptions
+                failures.append(f"{name}: {' '.join(str(error).split()) or type(error).__name__}")
+    found = "; ".join(failures + [f"tifffile: {note}" for note in dict.fromkeys(notes.messages)])
+    if _looks_truncated(found):
+        raise SlideError(f"the file looks truncated or corrupt ({os.path.getsize(path)} bytes; {found}): copy it "
+                         "again from its source", slide=path)
     raise SlideError(
-        "not a whole-slide image that " + " or ".join(n for n, _ in readers) + " can open (" + "; ".join(failures) + ")",
+        "not a whole-slide image that " + " or ".join(n for n, _ in readers) + " can open (" + found + ")",
         slide=path,
     )
+
+
+_TRUNCATION_WORDS = ("invalid offset", "invalid page offset", "out of range", "got 0 bytes", "empty input file",
+                     "unexpected end", "premature end", "truncated", "read error")
+
+
+def _looks_truncated(text: str) -> bool:
+    text = text.lower()
+    return any(word in text for word in _TRUNCATION_WORDS)
+
+
+class _TiffNotes(logging.Handler):
+    """Collects tifffile's log records while a slide is opened, and keeps them out of the log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: List[str] = []
+        self._logger = logging.getLogger("tifffile")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+    def __enter__(self) -> "_TiffNotes":
+        self._propagate = self._logger.propagate
+        self._logger.addHandler(self)
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._logger.removeHandler(self)
+        self._logger.propagate = self._propagate
 
 
 def _checked(slide: Slide) -> Slide:
