@@ -324,3 +324,22 @@ def test_a_truncated_slide_is_one_line_that_says_truncated(tmp_path, capsys, cap
     tiled.write_bytes(tiled.read_bytes()[: tiled.stat().st_size // 3])
     with pytest.raises(SlideError, match="looks truncated or corrupt"):
         SlideSource(str(tiled), "openslide").open().read(0, (672, 672), (224, 224))
+
+
+# -- 6. read once for tissue and QC ------------------------------------------------------------------------
+
+
+def test_a_slide_without_a_pyramid_is_read_whole_once_for_tissue_and_qc(tmp_path, monkeypatch):
+    path = write_tiff(tmp_path / "flat.tif", np.tile(he_pixels(600, 600), (2, 2, 1)), mpp=4.0)  # one level
+    read = []
+    original = reader.Slide.read
+
+    def counting(self, level, location, size):
+        read.append(size[0] * size[1])
+        return original(self, level, location, size)
+
+    monkeypatch.setattr(reader.Slide, "read", counting)
+    tiles = tile_slide(path, target_mpp=4.0)
+    assert sum(read) == 1200 * 1200 and tiles.thumbnail.size == (600, 600)  # 8 µm/px, from level 0
+    picture = qc_image(tiles)
+    assert sum(read) == 1200 * 1200 and max(picture.size) == 1200  # the QC picture read nothing more

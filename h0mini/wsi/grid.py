@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -220,6 +220,8 @@ class SlideTiles(torch.utils.data.Dataset):
     tissue_settings: Dict[str, Any]
     tissue_fractions: np.ndarray
     objective_power: Optional[float]
+    # the tissue detector's picture of the slide (8 µm/px), reused by QC so a slide is read whole once
+    thumbnail: Optional[Image.Image] = field(default=None, repr=False)
 
     @property
     def stem(self) -> str:
@@ -322,6 +324,7 @@ def tile_slide(
                        allow_upsampling=allow_upsampling)
     coords = plan.grid()
     mask: Optional[TissueMask] = None
+    thumbnail = None
     if tissue is None:
         settings: Dict[str, Any] = {"method": "none"}
     elif isinstance(tissue, str) and tissue == "otsu":
@@ -342,7 +345,7 @@ def tile_slide(
         coords, fractions = coords[keep], fractions[keep]
     else:
         fractions = np.ones(len(coords))
-    return SlideTiles(source, plan, coords, mask, settings, fractions, handle.objective_power())
+    return SlideTiles(source, plan, coords, mask, settings, fractions, handle.objective_power(), thumbnail)
 
 
 def slide_stem(path: str) -> str:

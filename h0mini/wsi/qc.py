@@ -20,6 +20,8 @@ LONG_SIDE = 1200  # px of the picture's longer side, at most
 def qc_image(tiles: SlideTiles, thumbnail: Optional[Image.Image] = None) -> Image.Image:
     """Draw the slide's thumbnail with the tissue outline (green) and the kept tiles (blue)."""
     width0, height0 = tiles.plan.level0_width, tiles.plan.level0_height
+    if thumbnail is None and tiles.thumbnail is not None and max(tiles.thumbnail.size) >= LONG_SIDE // 2:
+        thumbnail = tiles.thumbnail  # tissue detection read it: a slide without a pyramid is not read whole again
     if thumbnail is None:  # as fine as LONG_SIDE allows, read in strips like the tissue thumbnail
         mpp = max(tiles.plan.level0_mpp, max(width0, height0) * tiles.plan.level0_mpp / LONG_SIDE)
         thumbnail, _ = read_thumbnail(tiles.source.open(), tiles.plan.level0_mpp, mpp)
