@@ -163,3 +163,39 @@ def check_signature(session: Any, config: Dict[str, Any], model_path: Path) -> N
             f"{str(model_path)!r} does not match its {CONFIG_FILE}: " + "; ".join(problems)
             + ". It is another model; export again with 'h0mini export'."
         )
+
+
+class OnnxBackend:
+    """ONNX Runtime behind ``h0mini.backend.Backend``: the CPU, the precision of the export, no torch.compile."""
+
+    autocast_dtype = None
+    weights_dtype = torch.float32
+
+    def __init__(self, model: OnnxModel, *, device: Any, precision: str, compile: bool):
+        from .errors import InvalidArgumentError
+
+        if str(device) not in ("auto", "cpu"):
+            raise InvalidArgumentError(
+                f"{model.model_path} is an ONNX export and runs on the CPU (ONNX Runtime); use device='cpu'",
+                argument="device", accepted="'auto' or 'cpu' for an ONNX export")
+        if str(precision).lower() not in ("auto", "fp32", "float32"):
+            raise InvalidArgumentError(
+                f"{model.model_path} is an ONNX export ({model.precision}): its precision is fixed; use "
+                "precision='auto'", argument="precision", accepted="'auto' for an ONNX export")
+        if compile:
+            raise InvalidArgumentError(f"compile=True applies to torch models; {model.model_path} is an ONNX export",
+                                       argument="compile", accepted="False for an ONNX export")
+        self.model = model
+        self.device = torch.device("cpu")
+        self.precision = f"onnxruntime-{model.precision}"
+
+    def start_run(self) -> None:
+        pass
+
+    def autocast(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def tokens(self, x: torch.Tensor, pad_to: Optional[int] = None) -> torch.Tensor:
+        return self.model.forward_features(x)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import h0mini
+from h0mini import backend as backend_module
 from h0mini import embed as embed_module
 from h0mini import runtime
 from h0mini.embed import TileEmbedder
@@ -148,7 +149,7 @@ def test_a_truncated_image_is_still_a_skipped_tile(tiny, tmp_path):
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_auto_precision_on_the_cpu_follows_the_processor_and_is_said(tiny, native_bf16, monkeypatch, caplog):
-    monkeypatch.setattr(embed_module, "_LOGGED_PRECISIONS", set())
+    monkeypatch.setattr(backend_module, "_LOGGED_PRECISIONS", set())
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: native_bf16)
     with caplog.at_level(logging.INFO, logger="h0mini"):
         first = TileEmbedder(tiny, device="cpu")
