@@ -1,6 +1,8 @@
-"""The eva linear-probe protocol: the per-dataset table as read from eva's configs, and the probe using it."""
+"""The eva linear-probe protocol: the per-dataset tables as read from eva's configs, and the probe using them."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -14,44 +16,79 @@ from h0mini.eval.eva import (  # noqa: E402
     EVA_BATCH_SIZE,
     EVA_EVAL_EVERY,
     EVA_LR,
+    EVA_MAIN_COMMIT,
     EVA_MAX_STEPS,
     EVA_RUNS,
+    EVA_V2_TASKS,
     EVA_WEIGHT_DECAY,
+    PROTOCOLS,
 )
 from h0mini.eval.probe import _make_head  # noqa: E402
 
-LATEST = "ad61be09e4031a0dc3d2360f472c13a3cd6960a7"
+V2 = "ad61be09e4031a0dc3d2360f472c13a3cd6960a7"
 
-# Transcribed by hand from kaiko-ai/eva configs/vision/pathology/offline/classification/<name>.yaml:
-# (monitor, EarlyStopping patience in validation checks or None, eva.core.models.LinearClassifier head, commit)
-READ = {
-    "bach": ("val/MulticlassAccuracy", None, True, LATEST),
-    "bracs": ("val/MulticlassAccuracy", None, True, LATEST),
-    "breakhis": ("val/MulticlassAccuracy", None, False, "630a7c9ebf7dd4f64f5a703b4f98f7a9ed2cad3a"),
-    "crc": ("val/MulticlassAccuracy", None, True, LATEST),
-    "gleason_arvaniti": ("val/MulticlassAccuracy", None, True, LATEST),
-    "mhist": ("val/BinaryBalancedAccuracy", None, True, LATEST),
-    "patch_camelyon": ("val/BinaryBalancedAccuracy", 9, True, LATEST),
-    "unitopatho": ("val/MulticlassAccuracy", None, True, LATEST),
+# Transcribed by hand from configs/vision/pathology/offline/classification/<name>.yaml:
+# (monitor, EarlyStopping patience in validation checks or None, LinearClassifier head, repo, commit)
+# eva main after kaiko-ai/eva#772: no val_check_interval (one check per epoch), nn.Linear, no schedule
+READ_MAIN = {
+    "bach": ("val/MulticlassAccuracy", 1250, False, "bogdandanciu/eva", "a5b6572d19838a7fdb1f6740768766812196fe94"),
+    "breakhis": ("val/MulticlassAccuracy", 500, False, "kaiko-ai/eva", "0847bc080b63618c5b654007f0c264c999abae8f"),
+    "crc": ("val/MulticlassAccuracy", 7, False, "kaiko-ai/eva", "0fa9bce686ffacb8d761a590fec1381c277c2d20"),
+}
+# the unmerged branch evaluation-protocol-v2 (val_check_interval 50)
+READ_V2 = {
+    "bach": ("val/MulticlassAccuracy", None, True, "kaiko-ai/eva", V2),
+    "bracs": ("val/MulticlassAccuracy", None, True, "kaiko-ai/eva", V2),
+    "breakhis": ("val/MulticlassAccuracy", None, False, "kaiko-ai/eva", "630a7c9ebf7dd4f64f5a703b4f98f7a9ed2cad3a"),
+    "crc": ("val/MulticlassAccuracy", None, True, "kaiko-ai/eva", V2),
+    "gleason_arvaniti": ("val/MulticlassAccuracy", None, True, "kaiko-ai/eva", V2),
+    "mhist": ("val/BinaryBalancedAccuracy", None, True, "kaiko-ai/eva", V2),
+    "patch_camelyon": ("val/BinaryBalancedAccuracy", 9, True, "kaiko-ai/eva", V2),
+    "unitopatho": ("val/MulticlassAccuracy", None, True, "kaiko-ai/eva", V2),
 }
 
 
-def test_table_is_what_evas_configs_say():
-    assert {name: (t.monitor, t.patience, t.batch_norm, t.commit) for name, t in EVA_TASKS.items()} == READ
-    # shared by every config read: max_steps, n_runs, batch size, AdamW lr (no weight decay given:
-    # torch's 0.01), val_check_interval
+def _as_read(tasks):
+    return {name: (t.monitor, t.patience, t.batch_norm, t.repo, t.commit) for name, t in tasks.items()}
+
+
+def test_tables_are_what_evas_configs_say():
+    assert _as_read(EVA_TASKS) == READ_MAIN
+    assert _as_read(EVA_V2_TASKS) == READ_V2
+    assert {t.protocol for t in EVA_TASKS.values()} == {"main"}
+    assert {t.protocol for t in EVA_V2_TASKS.values()} == {"evaluation-protocol-v2"}
+    assert PROTOCOLS == ("main", "evaluation-protocol-v2") and EVA_MAIN_COMMIT == "c36237c7"
+    # shared by every config read (both protocols): max_steps, n_runs, batch size, AdamW lr (no
+    # weight decay given: torch's 0.01); v2 alone validates every 50 steps, main once per epoch
     assert (EVA_MAX_STEPS, EVA_RUNS, EVA_BATCH_SIZE, EVA_LR, EVA_WEIGHT_DECAY, EVA_EVAL_EVERY) == (
         12_500, 5, 256, 3e-4, 0.01, 50
     )  # fmt: skip
     assert torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).defaults["weight_decay"] == EVA_WEIGHT_DECAY
-    assert eva_task("Patch-Camelyon").source.endswith("patch_camelyon.yaml @ ad61be09")
+    assert eva_task("CRC").eval_every is None and eva_task("crc", "evaluation-protocol-v2").eval_every == 50
+    assert eva_task("crc").source == (
+        "kaiko-ai/eva configs/vision/pathology/offline/classification/crc.yaml @ 0fa9bce6"
+    )
+    assert eva_task("Patch-Camelyon", "evaluation-protocol-v2").source.endswith("patch_camelyon.yaml @ ad61be09")
 
 
-def test_unknown_and_slide_level_datasets_are_named():
+def test_main_patience_is_20_percent_of_the_implied_epochs():
+    # eva main's rule (kaiko-ai/eva#772): patience = 20% of the epochs 12,500 steps of 256 imply.
+    # BACH's train split (268 images, eva docs/datasets/bach.md @ 04a2c07f) is 2 batches: 6,250
+    # epochs, 20% = 1,250; CRC's (100,000 patches, NCT-CRC-HE-100K) is 391 batches: 31.97 epochs,
+    # 20% rounded up = 7.
+    assert math.ceil(0.2 * EVA_MAX_STEPS / math.ceil(268 / 256)) == EVA_TASKS["bach"].patience
+    assert math.ceil(0.2 * EVA_MAX_STEPS / math.ceil(100_000 / 256)) == EVA_TASKS["crc"].patience
+
+
+def test_unknown_unverified_and_slide_level_datasets_are_named():
     with pytest.raises(EvaluationInputError, match=r"no patch-level classification config named 'kather'.*'bach'"):
         eva_task("kather")
+    with pytest.raises(EvaluationInputError, match=r"eva main's config for 'mhist'.*protocol='evaluation-protocol-v2'"):
+        linear_probe(np.zeros((10, 4)), np.arange(10) % 2, dataset="mhist")
     with pytest.raises(EvaluationInputError, match="slide level with an ABMIL head"):
         linear_probe(np.zeros((10, 4)), np.arange(10) % 2, dataset="panda_small")
+    with pytest.raises(EvaluationInputError, match=r"unknown eva protocol 'v3'.*'main'"):
+        linear_probe(np.zeros((10, 4)), np.arange(10) % 2, protocol="v3")
     with pytest.raises(EvaluationInputError, match="patience must be a number of steps, None or 'eva'"):
         linear_probe(np.zeros((10, 4)), np.arange(10) % 2, patience="early")
 
@@ -63,28 +100,59 @@ def separable(n_per_class=60, dim=16, seed=0):
     return x.astype(np.float32), labels
 
 
-def test_dataset_patience_stops_at_evas_validation_check():
+SPLIT = np.array(["train", "train", "train", "val", "test"] * 24)  # 72 train, 24 val, 24 test
+
+
+def test_default_is_eva_main_epoch_checks_and_patience_in_epochs():
     x, y = separable()
-    split = np.array(["train", "train", "train", "val", "test"] * (len(y) // 5))
-    run = dict(split=split, seeds=(0, 1), max_steps=1500)
+    # batches of 16: an epoch of the 72 training samples is 5 steps (4 x 16 + 8, the last kept);
+    # lr 0.05 so that torch's initialisation of the plain head is overcome within the patience
+    run = dict(split=SPLIT, seeds=(0, 1), max_steps=400, batch_size=16, lr=0.05)
+    crc = linear_probe(x, y, dataset="crc", **run)
+    protocol = crc.details["protocol"]
+    assert protocol["protocol"] == "main" and protocol["batch_norm"] is False
+    assert protocol["steps_per_epoch"] == 5 and protocol["eval_every"] == 5
+    assert protocol["patience_steps"] == 7 * 5  # crc: 7 epochs without a strictly better check
+    assert crc.details["val_balanced_accuracy"] == [1.0, 1.0]  # no later check can be strictly better
+    assert all(step % 5 == 0 for step in crc.details["best_step"])  # checks fall on epoch ends
+    assert crc.details["steps_run"] == [step + 35 for step in crc.details["best_step"]]
+    # bach: 1,250 epochs of patience, more than 400 steps hold: every step runs, the best head is kept
+    bach = linear_probe(x, y, dataset="bach", **run)
+    assert bach.details["steps_run"] == [400, 400] and bach.details["protocol"]["patience_steps"] == 6250
+    assert bach.details["best_step"] == crc.details["best_step"] and bach.scores == crc.scores
+    # your own data: main's plain head and epoch checks, no early stopping
+    own = linear_probe(x, y, split=SPLIT, seeds=(0,), max_steps=100, batch_size=16)
+    assert own.details["steps_run"] == [100] and own.details["protocol"]["dataset"] is None
+    assert own.details["protocol"]["batch_norm"] is False and own.details["protocol"]["eval_every"] == 5
+    # at eva's batch of 256 the 72 samples are one step per epoch: a check after every step
+    assert linear_probe(x, y, split=SPLIT, dataset="crc", seeds=(0,), max_steps=50).details["protocol"][
+        "patience_steps"
+    ] == 7  # fmt: skip
+
+
+def test_v2_is_still_selectable_by_name():
+    x, y = separable()
+    v2 = "evaluation-protocol-v2"
+    run = dict(split=SPLIT, seeds=(0, 1), max_steps=1500, protocol=v2)
     pcam = linear_probe(x, y, dataset="patch_camelyon", **run)
     # validation reaches 1.0, so no later check is strictly better: Lightning's EarlyStopping with
     # patience 9 stops at the 9th check after the best one, 9 x 50 steps later
     assert pcam.details["val_balanced_accuracy"] == [1.0, 1.0]
     assert pcam.details["steps_run"] == [step + 9 * 50 for step in pcam.details["best_step"]]
-    assert pcam.details["protocol"]["patience_steps"] == 450
-    # bach's config sets no EarlyStopping: every step runs, the best head is still the one kept
+    assert pcam.details["protocol"]["patience_steps"] == 450 and pcam.details["protocol"]["batch_norm"] is True
+    assert pcam.details["protocol"]["protocol"] == v2 and pcam.details["protocol"]["eval_every"] == 50
+    # bach's v2 config sets no EarlyStopping: every step runs, the best head is still the one kept
     bach = linear_probe(x, y, dataset="bach", **run)
     assert bach.details["steps_run"] == [1500, 1500]
     assert bach.details["best_step"] == pcam.details["best_step"]  # the same runs up to the stop
     assert bach.scores == pcam.scores
-    own = linear_probe(x, y, **run)  # your own data: eva's shared protocol, no early stopping
-    assert own.details["steps_run"] == [1500, 1500] and own.details["protocol"]["dataset"] is None
+    own = linear_probe(x, y, **run)  # your own data under v2: LinearClassifier, no early stopping
+    assert own.details["steps_run"] == [1500, 1500] and own.details["protocol"]["batch_norm"] is True
     explicit = linear_probe(x, y, dataset="patch_camelyon", patience=100, **run)  # steps, overriding eva
     assert explicit.details["steps_run"] == [step + 100 for step in explicit.details["best_step"]]
 
 
-def test_head_is_evas_linear_classifier():
+def test_heads_main_linear_and_v2_linear_classifier():
     torch.manual_seed(0)
     binary = _make_head(768, 2, batch_norm=True)
     norm, linear = binary
@@ -100,11 +168,12 @@ def test_breakhis_uses_a_plain_linear_head_and_mean_std_is_reported():
     rng = np.random.default_rng(2)
     labels = np.repeat(np.arange(4), 30)
     x = (rng.normal(size=(120, 8)) + 5 * np.eye(8)[labels]).astype(np.float32)
-    result = linear_probe(x, labels, dataset="breakhis", seeds=(0, 1, 2), max_steps=300)
-    assert result.details["protocol"]["batch_norm"] is False
-    assert result.details["protocol"]["loss"] == "cross_entropy"
-    assert result.std == pytest.approx(np.std(result.scores))
-    assert str(result) == f"linear: {result.mean:.4f} ± {result.std:.4f} balanced accuracy over 3 run(s)"
+    for protocol in PROTOCOLS:
+        result = linear_probe(x, labels, dataset="breakhis", protocol=protocol, seeds=(0, 1, 2), max_steps=300)
+        assert result.details["protocol"]["batch_norm"] is False
+        assert result.details["protocol"]["loss"] == "cross_entropy"
+        assert result.std == pytest.approx(np.std(result.scores))
+        assert str(result) == f"linear: {result.mean:.4f} ± {result.std:.4f} balanced accuracy over 3 run(s)"
 
 
 def test_trailing_batch_of_one_is_skipped_by_the_batch_norm_head():
@@ -112,5 +181,9 @@ def test_trailing_batch_of_one_is_skipped_by_the_batch_norm_head():
     split = np.array(["train"] * 49 + ["val"] * 17 + ["test"] * 16)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(y))
-    result = linear_probe(x[order], y[order], split=split, batch_size=16, seeds=(0,), max_steps=40, eval_every=10)
+    result = linear_probe(
+        x[order], y[order], split=split, batch_size=16, seeds=(0,), max_steps=40, eval_every=10,
+        protocol="evaluation-protocol-v2",
+    )  # fmt: skip
     assert result.details["steps_run"] == [40]
+    assert result.details["protocol"]["steps_per_epoch"] == 3  # 48 of the 49 per epoch

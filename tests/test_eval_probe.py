@@ -205,19 +205,22 @@ def test_probes_accept_device_auto():
 
 
 def test_linear_probe_defaults_are_evas_protocol():
-    # eva's shared patch-level protocol (h0mini.eval.eva): AdamW lr 3e-4, weight decay 0.01
-    # (torch's default: eva sets none), batch 256, 12,500 steps, validation every 50 steps, 5
-    # runs, no early stopping unless the dataset's config sets one. QUICK_PROBE is the shortcut.
+    # eva main's patch-level protocol (h0mini.eval.eva): AdamW lr 3e-4, weight decay 0.01
+    # (torch's default: eva sets none), batch 256, 12,500 steps, validation once per epoch
+    # (eval_every=None: the protocol's), 5 runs, no early stopping unless the dataset's config
+    # sets one. QUICK_PROBE is the shortcut.
     import inspect
 
     from h0mini.eval.probe import QUICK_PROBE, linear_probe, run_probes
 
     params = inspect.signature(linear_probe).parameters
-    assert params["max_steps"].default == 12_500 and params["eval_every"].default == 50
+    assert params["max_steps"].default == 12_500 and params["eval_every"].default is None
+    assert params["protocol"].default == "main" and params["batch_norm"].default is None
     assert params["patience"].default == "eva" and params["dataset"].default is None
     assert params["lr"].default == 3e-4 and params["batch_size"].default == 256
     assert params["weight_decay"].default == 0.01 and len(params["seeds"].default) == 5
     assert inspect.signature(run_probes).parameters["max_steps"].default == 12_500
+    assert inspect.signature(run_probes).parameters["protocol"].default == "main"
     assert QUICK_PROBE == {"max_steps": 2_000, "patience": 400}
 
 

@@ -7,8 +7,8 @@
   folder (CSV, Markdown, PNG plots); ``h0mini robustness`` on the command line.
 * ``hest``: HEST-Benchmark gene-expression prediction (PCA + ridge + Pearson per gene), scored
   as HEST's code scores it, on task folders as published (``h0mini hest`` on the command line).
-* ``probe`` and ``eva``: linear probing with kaiko's eva protocol (per-dataset settings by eva
-  config name), kNN and logistic-regression baselines, PathoROB's
+* ``probe`` and ``eva``: linear probing with kaiko's eva protocol (eva main by default, the
+  unmerged evaluation-protocol-v2 by name; per-dataset settings by eva config name), kNN and logistic-regression baselines, PathoROB's
   robustness index (RI) and de Jong et al.'s ratio.
 
 Everything works on any ``(N, D)`` array, such as ``h0mini.embed_tiles`` or ``h0mini embed``
@@ -18,7 +18,7 @@ imported only by the functions that need them.
 
 from __future__ import annotations
 
-from .eva import EVA_TASKS, EvaTask, eva_task
+from .eva import EVA_TASKS, EVA_V2_TASKS, EvaTask, eva_task
 from .hest import HEST_TASKS, HestWarning, hest_benchmark
 from .perturb import PERTURBATIONS, Perturbation, perturb
 from .plism import (
@@ -59,6 +59,7 @@ from .report import RobustnessReport, load_tiles, robustness_report
 
 __all__ = [
     "EVA_TASKS",
+    "EVA_V2_TASKS",
     "EvaTask",
     "GROUPS",
     "HEST_TASKS",

@@ -1,15 +1,17 @@
 """Linear probing, kNN and logistic-regression baselines, and the robustness index (RI).
 
-The linear probe follows kaiko's eva protocol for frozen embeddings as its current configs set it
-(``h0mini.eval.eva`` has the figures and their sources): eva's ``LinearClassifier`` head
-(non-affine batch norm, then ``nn.Linear``), one logit with ``BCEWithLogitsLoss`` for two
-classes and cross-entropy otherwise, AdamW at lr 3e-4 with torch's weight decay (0.01) and no
-schedule, batches of 256 drawn from shuffled epochs, 12,500 steps, validation balanced accuracy
-checked every 50 steps with the best head kept, and 5 seeds whose test scores are reported as
-mean ± std (``ddof=0``). ``dataset="patch_camelyon"`` (or another eva config name) adds what that
-config sets on top, such as its early-stopping patience; without it no early stopping happens,
-as in most eva configs. ``QUICK_PROBE`` (2,000 steps, patience 400) is a named shortcut for smoke
-tests; its numbers are not eva's.
+The linear probe follows kaiko's eva protocol for frozen embeddings (``h0mini.eval.eva`` has the
+figures and their sources). By default (``protocol="main"``) it is eva's main branch after
+kaiko-ai/eva#772: a plain ``nn.Linear`` head, one logit with ``BCEWithLogitsLoss`` for two classes
+and cross-entropy otherwise, AdamW at lr 3e-4 with torch's weight decay (0.01) and no schedule,
+batches of 256 drawn from shuffled epochs, 12,500 steps, validation balanced accuracy after every
+epoch with the best head kept, and 5 seeds whose test scores are reported as mean ± std
+(``ddof=0``). ``dataset="bach"`` (or ``"crc"``, ``"breakhis"``) adds that config's early stopping:
+its patience in epochs, that is ``patience * ceil(n_train / 256)`` steps. ``protocol=
+"evaluation-protocol-v2"`` is eva's unmerged branch of that name: the ``LinearClassifier`` head
+(non-affine batch norm first), validation every 50 steps, early stopping only for patch_camelyon.
+Without ``dataset`` no early stopping happens. ``QUICK_PROBE`` (2,000 steps, patience 400) is a
+named shortcut for smoke tests; its numbers are not eva's.
 
 On CPU the head trains with one intra-op thread for the duration of the call (restored
 afterwards): a linear head on cached embeddings is bound by per-operation overhead, and more
@@ -50,7 +52,10 @@ from .eva import (
     EVA_MAX_STEPS,
     EVA_RUNS,
     EVA_WEIGHT_DECAY,
+    MAIN,
+    V2,
     EvaTask,
+    check_protocol,
     eva_task,
 )
 
@@ -281,6 +286,12 @@ def _make_head(dim: int, n_classes: int, batch_norm: bool) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.BatchNorm1d(dim, affine=False), linear)
 
 
+def _epoch_size(n_train: int, batch_size: int, batch_norm: bool) -> int:
+    """Samples drawn per epoch. Batch norm cannot train on one sample: an epoch's trailing batch of
+    one is left out (it is drawn again, elsewhere in the order, in the next epoch)."""
+    return n_train - 1 if batch_norm and n_train % batch_size == 1 else n_train
+
+
 @dataclass
 class _Run:
     test: float
@@ -316,9 +327,7 @@ def _train_head(
     loss_fn = torch.nn.BCEWithLogitsLoss() if binary else torch.nn.CrossEntropyLoss()
     targets = y["train"].float() if binary else y["train"]
     n_train = x["train"].shape[0]
-    # batch norm cannot train on one sample: an epoch's trailing batch of one is left out (it is
-    # drawn again, elsewhere in the order, in the next epoch)
-    epoch_size = n_train - 1 if batch_norm and n_train % batch_size == 1 else n_train
+    epoch_size = _epoch_size(n_train, batch_size, batch_norm)
     truth = {split: y[split].cpu().numpy() for split in ("val", "test")}
 
     def logits(batch: torch.Tensor) -> torch.Tensor:
@@ -357,19 +366,23 @@ def _train_head(
 
 
 def _protocol(
-    dataset: Optional[str], patience: Union[int, None, str], batch_norm: Optional[bool], eval_every: int
-) -> Tuple[Optional[EvaTask], Optional[int], bool]:
-    """The eva task, the patience in steps and the head for these arguments."""
-    task = None if dataset is None else eva_task(dataset)
+    dataset: Optional[str], patience: Union[int, None, str], batch_norm: Optional[bool], protocol: str
+) -> Tuple[Optional[EvaTask], Union[int, None, str], bool]:
+    """The eva task, the patience (steps, None, or "eva": the task's, in validation checks) and the head."""
+    check_protocol(protocol)
+    task = None if dataset is None else eva_task(dataset, protocol)
     if isinstance(patience, str):
         if patience != "eva":
             raise EvaluationInputError(f"patience must be a number of steps, None or 'eva', got {patience!r}")
-        patience = None if task is None or task.patience is None else task.patience * eval_every
-    elif patience is not None and int(patience) < 1:
-        raise EvaluationInputError(f"patience must be >= 1 step (or None: no early stopping), got {patience}")
+        if task is None or task.patience is None:
+            patience = None
+    elif patience is not None:
+        if int(patience) < 1:
+            raise EvaluationInputError(f"patience must be >= 1 step (or None: no early stopping), got {patience}")
+        patience = int(patience)
     if batch_norm is None:
-        batch_norm = True if task is None else task.batch_norm
-    return task, None if patience is None else int(patience), bool(batch_norm)
+        batch_norm = protocol == V2 if task is None else task.batch_norm
+    return task, patience, bool(batch_norm)
 
 
 def linear_probe(
@@ -379,12 +392,13 @@ def linear_probe(
     split: Optional[ArrayLike] = None,
     groups: Optional[ArrayLike] = None,
     dataset: Optional[str] = None,
+    protocol: str = MAIN,
     seeds: Sequence[int] = tuple(range(EVA_RUNS)),
     max_steps: int = EVA_MAX_STEPS,
     batch_size: int = EVA_BATCH_SIZE,
     lr: float = EVA_LR,
     weight_decay: float = EVA_WEIGHT_DECAY,
-    eval_every: int = EVA_EVAL_EVERY,
+    eval_every: Optional[int] = None,
     patience: Union[int, None, str] = "eva",
     batch_norm: Optional[bool] = None,
     device: Union[str, torch.device, None] = None,
@@ -397,19 +411,25 @@ def linear_probe(
         split: ``N`` values ``"train"``/``"val"``/``"test"``. Default: a 60/20/20 split, stratified by
             label, or by ``groups`` when given.
         groups: ``N`` group ids (slide, patient) kept within one split when the split is made here.
-        dataset: an eva config name (``"bach"``, ``"crc"``, ``"mhist"``, ``"patch_camelyon"``,
-            ``"bracs"``, ``"breakhis"``, ``"gleason_arvaniti"``, ``"unitopatho"``) to apply what that
-            config sets on top of the shared protocol (its patience and head; ``h0mini.eval.eva``).
-            ``None`` (your own data): the shared protocol, no early stopping.
+        dataset: an eva config name to apply what that config sets on top of the shared protocol
+            (its patience and head; ``h0mini.eval.eva``): ``"bach"``, ``"breakhis"``, ``"crc"``
+            under eva main; also ``"bracs"``, ``"gleason_arvaniti"``, ``"mhist"``,
+            ``"patch_camelyon"``, ``"unitopatho"`` under evaluation-protocol-v2. ``None`` (your
+            own data): the shared protocol, no early stopping.
+        protocol: ``"main"`` (default; eva's main branch after kaiko-ai/eva#772) or
+            ``"evaluation-protocol-v2"`` (eva's unmerged branch, ad61be09).
         seeds: one run per seed (initialisation and batch order). Default: 5 runs, as eva.
         max_steps: optimiser steps per run. Default 12,500 (eva); ``QUICK_PROBE`` has a short setting.
         batch_size, lr, weight_decay: AdamW settings. Defaults: eva's 256, 3e-4 and 0.01.
-        eval_every: steps between validation checks. Default 50 (eva).
+        eval_every: steps between validation checks. Default: the protocol's, once per epoch
+            (``ceil(epoch samples / batch_size)`` steps) for main, 50 for evaluation-protocol-v2.
         patience: stop after this many steps without a strictly better validation balanced
             accuracy; ``None`` never stops early; ``"eva"`` (default) takes the dataset's eva
-            patience (validation checks times ``eval_every``), or none without a dataset.
+            patience (validation checks, i.e. epochs for main, times the steps between checks),
+            or none without a dataset.
         batch_norm: eva's ``LinearClassifier`` head (batch norm first) or a plain ``nn.Linear``.
-            Default: as the dataset's config; ``True`` without one.
+            Default: as the dataset's config; without one, ``nn.Linear`` for main and
+            ``LinearClassifier`` for evaluation-protocol-v2.
         device: torch device, or ``"auto"`` (CUDA when available). Default: CPU.
 
     Returns:
@@ -425,17 +445,23 @@ def linear_probe(
     n = len(x_all)
     labels = _vector(labels, n, "labels")
     for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("eval_every", eval_every)):
-        if int(value) < 1:
+        if value is not None and int(value) < 1:
             raise EvaluationInputError(f"{name} must be >= 1, got {value}")
     if not seeds:
         raise EvaluationInputError("seeds must name at least one seed")
-    task, patience_steps, batch_norm = _protocol(dataset, patience, batch_norm, int(eval_every))
+    task, patience, batch_norm = _protocol(dataset, patience, batch_norm, protocol)
     classes, codes = encode_labels(labels)
     if len(classes) < 2:
         raise EvaluationInputError(f"labels must have at least 2 classes, got {classes.tolist()}")
     split = _resolve_split(labels, split, groups, need_val=True, seed=int(seeds[0]))
     if batch_norm and (split == "train").sum() < 2:
         raise EvaluationInputError("the batch-norm head needs at least 2 training samples; pass batch_norm=False")
+    epoch_size = _epoch_size(int((split == "train").sum()), int(batch_size), batch_norm)
+    steps_per_epoch = math.ceil(epoch_size / int(batch_size))
+    if eval_every is None:
+        eval_every = steps_per_epoch if protocol == MAIN else EVA_EVAL_EVERY
+    eval_every = int(eval_every)
+    patience_steps = task.patience * eval_every if patience == "eva" else patience
     device = resolve_device(device)
     x = {s: torch.from_numpy(x_all[split == s]).to(device) for s in SPLITS}
     y = {s: torch.from_numpy(codes[split == s]).to(device) for s in SPLITS}
@@ -444,7 +470,7 @@ def linear_probe(
         with _single_thread(device):
             run = _train_head(
                 x, y, len(classes), seed=int(seed), max_steps=int(max_steps), batch_size=int(batch_size),
-                lr=lr, weight_decay=weight_decay, eval_every=int(eval_every), patience=patience_steps,
+                lr=lr, weight_decay=weight_decay, eval_every=eval_every, patience=patience_steps,
                 batch_norm=batch_norm,
             )  # fmt: skip
         runs.append(run)
@@ -454,13 +480,15 @@ def linear_probe(
         )  # fmt: skip
     scores = [run.test for run in runs]
     protocol = {
+        "protocol": protocol,
         "dataset": None if task is None else task.name,
         "source": None if task is None else task.source,
         "max_steps": int(max_steps),
         "batch_size": int(batch_size),
         "lr": lr,
         "weight_decay": weight_decay,
-        "eval_every": int(eval_every),
+        "eval_every": eval_every,
+        "steps_per_epoch": steps_per_epoch,
         "patience_steps": patience_steps,
         "batch_norm": batch_norm,
         "loss": "bce_with_logits" if len(classes) == 2 else "cross_entropy",
@@ -557,13 +585,14 @@ def run_probes(
     split: Optional[ArrayLike] = None,
     groups: Optional[ArrayLike] = None,
     dataset: Optional[str] = None,
+    protocol: str = MAIN,
     seeds: Sequence[int] = tuple(range(EVA_RUNS)),
     max_steps: int = EVA_MAX_STEPS,
     patience: Union[int, None, str] = "eva",
     knn_k: int = 20,
     device: Union[str, torch.device, None] = None,
 ) -> Any:
-    """Linear probe (``linear_probe``: eva's protocol, ``dataset`` as there), kNN and logistic
+    """Linear probe (``linear_probe``: eva's protocol, ``dataset`` and ``protocol`` as there), kNN and logistic
     regression on one shared split.
 
     Returns:
@@ -576,7 +605,8 @@ def run_probes(
     split = _resolve_split(labels, split, groups, need_val=True, seed=int(seeds[0]) if seeds else 0)
     results = [
         linear_probe(
-            x, labels, split=split, dataset=dataset, seeds=seeds, max_steps=max_steps, patience=patience, device=device
+            x, labels, split=split, dataset=dataset, protocol=protocol, seeds=seeds, max_steps=max_steps,
+            patience=patience, device=device,
         ),
         knn_probe(x, labels, split=split, k=knn_k),
         logistic_probe(x, labels, split=split),
