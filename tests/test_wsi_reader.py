@@ -343,3 +343,43 @@ def test_a_slide_without_a_pyramid_is_read_whole_once_for_tissue_and_qc(tmp_path
     assert sum(read) == 1200 * 1200 and tiles.thumbnail.size == (600, 600)  # 8 µm/px, from level 0
     picture = qc_image(tiles)
     assert sum(read) == 1200 * 1200 and max(picture.size) == 1200  # the QC picture read nothing more
+
+
+# -- 3. DICOM --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dicom_cohort(tmp_path):
+    pytest.importorskip("pydicom")
+    from wsi_files import write_dicom_wsi
+
+    cohort = tmp_path / "cohort"
+    write_dicom_wsi(cohort / "case-1.v2", he_pixels(896, 896), mpp=0.25, downsamples=(1, 2, 4))
+    write_dicom_wsi(cohort / "case-2", np.roll(he_pixels(896, 896), 224, axis=1), mpp=0.25, downsamples=(1, 2))
+    return cohort
+
+
+def test_a_dicom_folder_is_one_slide_and_a_folder_of_them_one_per_subfolder(dicom_cohort):
+    from h0mini.wsi import find_slides
+    from h0mini.wsi.grid import slide_stem
+
+    one, two = str(dicom_cohort / "case-1.v2"), str(dicom_cohort / "case-2")
+    assert find_slides([dicom_cohort]) == [one, two]  # the usual layout: one folder per slide
+    assert find_slides([one]) == [one]  # not three slides under UID names
+    assert find_slides([f"{one}/*.dcm", f"{one}/level-2.dcm", one]) == [one]  # a series counts once
+    assert [slide_stem(p) for p in (one, f"{one}/level-1.dcm")] == ["case-1.v2", "case-1.v2"]
+    tiles = tile_slide(one, tissue=None)
+    assert tiles.source.reader == "openslide" and tiles.plan.level0_mpp == pytest.approx(0.25)
+    assert (tiles.plan.read_level, tiles.plan.read_size, len(tiles)) == (1, 224, 4)  # 0.5 µm/px: level 1, as is
+    level1 = np.asarray(Image.fromarray(he_pixels(896, 896)).resize((448, 448), Image.Resampling.BOX))
+    np.testing.assert_array_equal(np.asarray(tiles[3].load()), level1[224:448, 224:448])
+    with pytest.raises(SlideError, match="tiffslide does not read"):
+        tile_slide(one, reader="tiffslide")
+
+
+def test_embed_slides_over_a_dicom_cohort_writes_one_output_per_slide(dicom_cohort, tmp_path, model):
+    statuses = h0mini.embed_slides([dicom_cohort], model, output_dir=tmp_path / "out", tissue=None, num_workers=0,
+                                   qc=False)
+    assert [(Path(s.slide).name, s.status, s.tiles) for s in statuses] == [("case-1.v2", "done", 4),
+                                                                           ("case-2", "done", 4)]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.h5")) == ["case-1.v2.h5", "case-2.h5"]

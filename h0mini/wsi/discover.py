@@ -1,7 +1,10 @@
 """Which slides a run embeds: files, folders and globs in, slide paths out, each once, sorted.
 
-Slide discovery is kept apart from embedding so that what counts as *one slide* (a file, or a
-DICOM folder) is decided in one place.
+Slide discovery is kept apart from embedding so that what counts as *one slide* is decided in one
+place: a slide file, or a DICOM WSI, which is a folder of ``.dcm`` instance files (one per level,
+plus label and overview), read by OpenSlide 4 from any of them. So a folder holding ``.dcm`` files
+is one slide, a folder of such folders (the usual DICOM export) is one slide per subfolder, and a
+``.dcm`` path stands for its folder (a glob over a series counts it once).
 """
 
 from __future__ import annotations
@@ -14,26 +17,55 @@ from typing import List, Sequence, Union
 from ..errors import SlideError
 from ..tiles import GLOB_CHARS, SLIDE_SUFFIXES
 
+DICOM_SUFFIX = ".dcm"
+
+
+def is_dicom_folder(path: Union[str, os.PathLike]) -> bool:
+    """A folder that holds ``.dcm`` files: one DICOM WSI."""
+    try:
+        return any(p.is_file() and p.suffix.lower() == DICOM_SUFFIX for p in Path(path).iterdir())
+    except OSError:
+        return False
+
+
+def slide_path(path: Union[str, os.PathLike]) -> str:
+    """The path that stands for the slide ``path`` belongs to: a ``.dcm`` file's folder, else itself."""
+    text = os.path.abspath(os.fspath(path))
+    if text.lower().endswith(DICOM_SUFFIX) and os.path.isfile(text):
+        return os.path.dirname(text)
+    return text
+
 
 def find_slides(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
-    """Slide files from files, folders (their slide files, not recursive) and globs, sorted, each once."""
+    """Slides from files, folders (their slide files and DICOM subfolders, not deeper) and globs, sorted,
+    each once."""
     found: List[str] = []
     for spec in inputs:
         text = os.fspath(spec)
         path = Path(text).expanduser()
         if path.is_dir():
-            files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
-            if not files:
-                raise SlideError(f"the folder holds no slide files ({', '.join(sorted(SLIDE_SUFFIXES))})", slide=text)
-            found.extend(files)
+            slides = _folder_slides(path)
+            if not slides:
+                raise SlideError(f"the folder holds no slide files ({', '.join(sorted(SLIDE_SUFFIXES))}) and no "
+                                 "DICOM slide folders", slide=text)
+            found.extend(slides)
         elif path.is_file():
             found.append(str(path))
         elif any(c in text for c in GLOB_CHARS):
-            files = sorted(m for m in glob.glob(os.path.expanduser(text), recursive=True) if os.path.isfile(m))
+            matches = glob.glob(os.path.expanduser(text), recursive=True)
+            files = sorted(m for m in matches if os.path.isfile(m) or is_dicom_folder(m))
             if not files:
                 raise SlideError("the pattern matches no files", slide=text)
             found.extend(files)
         else:
             raise SlideError("no such file, folder or pattern", slide=text)
-    unique = sorted(dict.fromkeys(os.path.abspath(f) for f in found))
-    return unique
+    return sorted(dict.fromkeys(slide_path(f) for f in found))
+
+
+def _folder_slides(folder: Path) -> List[str]:
+    entries = sorted(folder.iterdir())
+    files = [p for p in entries if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES]
+    if any(p.suffix.lower() == DICOM_SUFFIX for p in files):
+        files = [p for p in files if p.suffix.lower() != DICOM_SUFFIX] + [folder]  # the series is one slide
+    dicom = [p for p in entries if p.is_dir() and is_dicom_folder(p)]
+    return [str(p) for p in files + dicom]

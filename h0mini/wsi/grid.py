@@ -349,7 +349,12 @@ def tile_slide(
 
 
 def slide_stem(path: str) -> str:
-    """A slide's name without folder and extension (``.ome.tif`` counts as one extension)."""
+    """A slide's name without folder and extension (``.ome.tif`` counts as one extension); a DICOM
+    slide's is its folder's name."""
+    if os.path.isdir(path):  # a DICOM slide: the folder's name, whole
+        return os.path.basename(os.path.abspath(path))
+    if path.lower().endswith(".dcm"):  # an instance of a DICOM slide: its folder's name
+        return os.path.basename(os.path.dirname(os.path.abspath(path)))
     name = os.path.basename(path.rstrip("/")) or path
     for double in (".ome.tif", ".ome.tiff"):
         if name.lower().endswith(double):

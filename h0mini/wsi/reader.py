@@ -445,7 +445,7 @@ def _open_slide(slide: Any, reader: str) -> Slide:
     if not os.path.exists(path):
         raise SlideError("no such file", slide=path)
     if os.path.isdir(path):
-        raise SlideError("is a folder, not a slide (pass the slide files, or a folder to embed_slides)", slide=path)
+        return _open_dicom_folder(path, reader)
     if os.path.getsize(path) == 0:
         raise SlideError("the file is empty", slide=path)
     readers = _readers(reader)
@@ -499,6 +499,29 @@ class _TiffNotes(logging.Handler):
     def __exit__(self, *exc: Any) -> None:
         self._logger.removeHandler(self)
         self._logger.propagate = self._propagate
+
+
+def _open_dicom_folder(path: str, reader: str) -> Slide:
+    """A DICOM WSI folder: OpenSlide 4 opens the series from any of its ``.dcm`` files."""
+    series = sorted(p for p in os.listdir(path) if p.lower().endswith(".dcm") and os.path.isfile(os.path.join(path, p)))
+    if not series:
+        raise SlideError("is a folder without .dcm files, not a slide (pass the slide files, or a folder to "
+                         "embed_slides)", slide=path)
+    if reader == "tiffslide":
+        raise SlideError("is a DICOM slide, which tiffslide does not read: use reader='openslide' (OpenSlide 4)",
+                         slide=path)
+    ((_, opener),) = _readers("openslide")
+    failures = []
+    for name in series:  # a label or overview instance opens the series too; a broken file does not
+        member = os.path.join(path, name)
+        try:
+            return _checked(Slide(opener(member), path, "openslide", reopen=functools.partial(opener, member)))
+        except SlideError:
+            raise
+        except Exception as error:  # noqa: BLE001 - OpenSlide's "unsupported" and libdicom's errors
+            failures.append(f"{name}: {' '.join(str(error).split()) or type(error).__name__}")
+    raise SlideError(f"a folder of .dcm files that OpenSlide cannot open as a DICOM slide ({'; '.join(failures[:3])})",
+                     slide=path)
 
 
 def _checked(slide: Slide) -> Slide:
