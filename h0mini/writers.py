@@ -163,7 +163,7 @@ def remove_stale_temp(path: Path) -> List[Path]:
     for candidate in candidates:
         middle = candidate.name[len(prefix):-len(".tmp")]
         pid = middle.split("-", 1)[0] if "-" in middle else ""
-        if pid.isdigit() and _alive(int(pid)):
+        if pid.isdigit() and pid_alive(int(pid)):
             continue
         try:
             candidate.unlink()
@@ -173,7 +173,8 @@ def remove_stale_temp(path: Path) -> List[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (this process counts as alive)."""
     if pid == os.getpid():
         return True
     try:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from ..writers import pid_alive
+
 HEARTBEAT = 30.0  # seconds between touches of a held claim
 CLAIM_TIMEOUT = 600.0  # seconds without a heartbeat after which another host's claim counts as dead
 FOLDER = ".claims"
@@ -63,16 +65,6 @@ def process_start_time(pid: int) -> Optional[float]:
         return float(fields[19])  # field 22 of proc(5), counted after the command name
     except (IndexError, ValueError):
         return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by another user
-        return True
-    return True
 
 
 class Claims:
@@ -114,7 +106,7 @@ class Claims:
         if owner.host == self.me.host:
             if owner.pid == self.me.pid:
                 return False
-            if not _pid_alive(owner.pid):
+            if not pid_alive(owner.pid):
                 return True
             start = process_start_time(owner.pid)
             return owner.process_start is not None and start is not None and start != owner.process_start

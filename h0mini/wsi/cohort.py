@@ -303,20 +303,18 @@ class _Cohort:
             for spec in specs:
                 if self._stop.is_set():
                     return
-                plan = self._plan(spec)
-                while not self._stop.is_set():
-                    try:
-                        plans.put(plan, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._hand_over(plans, self._plan(spec))
         finally:
-            while not self._stop.is_set():
-                try:
-                    plans.put(_END, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+            self._hand_over(plans, _END)
+
+    def _hand_over(self, plans: "queue.Queue[Any]", item: Any) -> None:
+        """Queue ``item`` for the stream, unless the run stops first."""
+        while not self._stop.is_set():
+            try:
+                plans.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def _plan(self, spec: SlideSpec) -> _Plan:
         plan = _Plan(spec, started=time.perf_counter())
