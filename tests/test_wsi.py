@@ -385,7 +385,9 @@ def test_torchrun_processes_share_the_slides(three_slides, checkpoint, tmp_path)
     assert sorted(p.name for p in out.glob("*.h5")) == ["s0.h5", "s1.h5", "s2.h5"]
     rows = {Path(r["slide"]).name: r for r in csv.DictReader(open(out / "summary.csv"))}
     assert {name: row["status"] for name, row in rows.items()} == {f"s{i}.tif": "done" for i in range(3)}
-    assert len({row["pid"] for row in rows.values()}) == 2  # both ranks embedded slides
+    # Which rank embeds which slide depends on who starts first (a rank that finishes its share helps the
+    # other); every slide is embedded once either way.
+    assert sum(": done, " in line for line in result.stdout.splitlines()) == 3
 
 
 def test_cli_usage_errors_come_before_the_model(tmp_path, capsys):
