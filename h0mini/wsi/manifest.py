@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..errors import SlideError, shown
 from .discover import find_slides
+from .discover import slide_path as as_slide
 from .grid import slide_stem
 
 MANIFEST_COLUMNS = ("slide", "mpp", "mask", "name")
@@ -87,7 +88,7 @@ def read_manifest(path: Union[str, os.PathLike], *, mpp: Optional[float] = None)
         if not slide:
             problems.append(f"{where}: the 'slide' cell is empty")
             continue
-        slide_path = _resolve(slide, base)
+        slide_path = as_slide(_resolve(slide, base))  # a .dcm of a DICOM series stands for its folder
         if not os.path.exists(slide_path):
             problems.append(f"{where}: {shown(slide)}: no such file or folder")
         row_mpp: Optional[float] = mpp
