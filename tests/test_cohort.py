@@ -504,3 +504,16 @@ def test_on_a_cpu_tiles_are_decoded_in_a_thread_by_default(checkpoint):
     # Measured (benchmarks/cohort.py, 2 cores): one worker process ran 5-7x slower than the thread.
     assert embedder._workers(cohort_stream) == 0 and embedder._workers(many_files) == 0
     assert h0mini.TileEmbedder(embedder.model, device="cpu", num_workers=2)._workers(many_files) == 2
+
+
+def test_a_manifest_row_naming_one_dcm_file_stands_for_its_dicom_folder(tmp_path):
+    pytest.importorskip("pydicom")
+    from wsi_files import write_dicom_wsi
+
+    image = Image.open(SLIDE)
+    image.seek(0)
+    write_dicom_wsi(tmp_path / "case-7", np.asarray(image.convert("RGB"))[:448, :448].copy(), mpp=0.5)
+    one_file = sorted((tmp_path / "case-7").glob("*.dcm"))[0]
+    (tmp_path / "cohort.csv").write_text(f"slide\n{one_file}\n")
+    [spec] = read_manifest(tmp_path / "cohort.csv")
+    assert spec.path == str(tmp_path / "case-7") and spec.name == "case-7"
