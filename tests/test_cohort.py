@@ -517,3 +517,71 @@ def test_a_manifest_row_naming_one_dcm_file_stands_for_its_dicom_folder(tmp_path
     (tmp_path / "cohort.csv").write_text(f"slide\n{one_file}\n")
     [spec] = read_manifest(tmp_path / "cohort.csv")
     assert spec.path == str(tmp_path / "case-7") and spec.name == "case-7"
+
+
+# -- review: resume on an edited mask, a slide that fails after tiling, a planner bug --------------------
+
+
+def test_an_edited_mask_is_not_already_done(tmp_path, checkpoint):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_slide(slides / "a.tif", 1)
+    mask = np.zeros((448, 448), np.uint8)
+    mask[:224, :224] = 255
+    Image.fromarray(mask).save(slides / "a_mask.png")
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("slide,mask\nslides/a.tif,slides/a_mask.png\n")
+    out = tmp_path / "out"
+    run = ["embed-slides", str(manifest), "-o", str(out), "--weights", str(checkpoint), *RUN, "-q"]
+    assert main(run) == 0 and len(read_embeddings(out / "a.h5")) == 1
+    mask[:, :] = 255  # the mask was corrected: four tiles of tissue
+    Image.fromarray(mask).save(slides / "a_mask.png")
+    os.utime(slides / "a_mask.png", (time.time() + 5, time.time() + 5))
+    assert main(run) == 1, "the saved output was made with the old mask"
+    assert main(run + ["--overwrite"]) == 0 and len(read_embeddings(out / "a.h5")) == 4
+
+
+def test_a_slide_failing_after_its_tiling_is_not_embedded_and_the_others_are(tmp_path, checkpoint, monkeypatch):
+    from h0mini.wsi import cohort as cohort_module
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_slide(slides / "a.tif", 1)
+    write_slide(slides / "b.tif", 2)
+    routed = []
+    original_add = cohort_module.OutputJob.add
+
+    def add(job, names, features, part_size):
+        routed.append(job.path.name)
+        return original_add(job, names, features, part_size)
+
+    def qc_fails(tiles, path):
+        if "a" == Path(tiles.source.path).stem:
+            raise OSError(28, "No space left on device")
+        return Path(path)
+
+    monkeypatch.setattr(cohort_module.OutputJob, "add", add)
+    monkeypatch.setattr(cohort_module, "save_qc_image", qc_fails)
+    out = tmp_path / "out"
+    statuses = h0mini.embed_slides(slides, checkpoint, output_dir=out, tissue=None, num_workers=0, batch_size=1,
+                                   precision="fp32", progress=False)
+    assert [s.status for s in statuses] == ["failed", "done"]
+    assert set(routed) == {"b.h5"}, "the failed slide's tiles are not embedded"
+    assert not (out / "a.h5").exists() and not (out / "a.h5.parts").exists()
+
+
+def test_a_bug_in_the_planner_is_raised_not_a_short_cohort(tmp_path, checkpoint, monkeypatch):
+    from h0mini.wsi import cohort as cohort_module
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_slide(slides / "a.tif", 1)
+    write_slide(slides / "b.tif", 2)
+
+    def tile_slide(path, **kwargs):
+        raise KeyError("a bug, not a bad slide")
+
+    monkeypatch.setattr(cohort_module, "tile_slide", tile_slide)
+    with pytest.raises(KeyError, match="a bug"):
+        h0mini.embed_slides(slides, checkpoint, output_dir=tmp_path / "out", tissue=None, num_workers=0,
+                            progress=False)

@@ -209,6 +209,7 @@ class _Cohort:
         self._stop = threading.Event()
         self._seconds: List[float] = []
         self._total = 0
+        self._planner_error: Optional[BaseException] = None
 
     # -- before any work ---------------------------------------------------------------------
 
@@ -219,7 +220,10 @@ class _Cohort:
         request = dict(self.request, mpp=spec.mpp)
         if spec.mask is not None:
             request["tissue"] = "mask"
-        return slide_request(**request)
+        recorded = slide_request(**request)
+        if spec.mask is not None:  # an edited mask tiles otherwise: its output is not done
+            recorded["mask"] = slide_fingerprint(spec.mask)
+        return recorded
 
     def expected(self, spec: SlideSpec) -> Dict[str, Any]:
         """The provenance keys an output of ``spec`` must carry to count as done."""
@@ -281,6 +285,8 @@ class _Cohort:
                     received = max(received, max(positions) + 1) if positions else received
                     self._finish_ready(received, bar)
                 self._finish_ready(math.inf, bar)
+                if self._planner_error is not None:  # the slides after it were never planned: say so
+                    raise self._planner_error
         except BaseException:
             for plan in list(self._active):  # Ctrl-C, SIGTERM, a crash: keep every finished batch
                 if plan.job is not None:
@@ -304,6 +310,8 @@ class _Cohort:
                 if self._stop.is_set():
                     return
                 self._hand_over(plans, self._plan(spec))
+        except BaseException as error:  # raised in the caller's thread once the planned slides are written
+            self._planner_error = error
         finally:
             self._hand_over(plans, _END)
 
@@ -349,6 +357,9 @@ class _Cohort:
                 plan.qc = self._draw_qc(plan)
         except (H0miniError, OSError, ValueError) as error:
             self.claims.release(spec.name)
+            release(spec.path)  # opened, then failed (tiling, QC): nothing of it is embedded or kept open
+            release_stored_tiles(spec.path)
+            plan.tiles, plan.pending, plan.job = None, [], None
             plan.status = self._status(plan, FAILED, error=" ".join(str(error).split()))
         return plan
 
