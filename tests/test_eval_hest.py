@@ -194,8 +194,18 @@ def test_embeds_with_h0mini_caches_and_resumes(tmp_path, monkeypatch):
         raise AssertionError("a cached sample was embedded again")
 
     monkeypatch.setattr(hest, "embed_patches", refuse)
-    second = hest.hest_benchmark(tmp_path / "T", model, n_components=4, output_dir=out)
+    second = hest.hest_benchmark(tmp_path / "T", model, n_components=4, output_dir=out, input_size=28)
     assert second["mean_per_split"] == first["mean_per_split"]
+    # another embedding, input size or model never reads this cache as its own
+    for other in ({"embedding": "cls+mean", "input_size": 28}, {"input_size": 56}):
+        with pytest.raises(EvaluationInputError, match=r"sample S\d: the cached embeddings .* were made with"):
+            hest.hest_benchmark(tmp_path / "T", model, n_components=4, output_dir=out, **other)
+    import torch
+
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # fine-tuned further
+    with pytest.raises(EvaluationInputError, match="were made with"):
+        hest.hest_benchmark(tmp_path / "T", model, n_components=4, output_dir=out, input_size=28)
 
 
 def test_missing_barcode_and_gene_are_named(tmp_path):

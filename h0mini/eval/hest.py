@@ -127,18 +127,49 @@ def read_embeddings(path: PathLike) -> Tuple[np.ndarray, List[str], np.ndarray]:
     return embeddings, barcodes, coords
 
 
-def write_embeddings(path: PathLike, embeddings: np.ndarray, barcodes: Sequence[str], coords: np.ndarray) -> None:
-    """HEST's embedding layout, written atomically (a temp file, then rename): a finished file is complete."""
+def write_embeddings(path: PathLike, embeddings: np.ndarray, barcodes: Sequence[str], coords: np.ndarray,
+                     made_with: Optional[Dict[str, Any]] = None) -> None:
+    """HEST's embedding layout, written atomically (a temp file, then rename): a finished file is complete.
+
+    ``made_with`` (what made the embeddings) is kept as the file's ``h0mini`` attribute (JSON)."""
     import h5py
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     with h5py.File(partial, "w") as f:
+        if made_with is not None:
+            f.attrs["h0mini"] = json.dumps(made_with, sort_keys=True)
         f.create_dataset("embeddings", data=np.asarray(embeddings))
         f.create_dataset("barcodes", data=np.asarray([b.encode("utf-8") for b in barcodes]).reshape(-1, 1))
         f.create_dataset("coords", data=np.asarray(coords))
     os.replace(partial, path)
+
+
+def _made_with(model: Any, embedding: str, embed_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """What changes a sample's cached embeddings: the model (its name, or a digest of its weights), the
+    embedding, and the options of ``embed_tiles`` that change the numbers."""
+    if model is None or isinstance(model, (str, os.PathLike)):
+        weights = "default" if model is None else os.fspath(model)
+    else:
+        from ..job import state_digest
+
+        weights = state_digest(model)
+    made = {"model": weights, "embedding": embedding}
+    for key in ("precision", "input_size", "revision"):
+        if embed_kwargs.get(key) is not None:
+            made[key] = str(embed_kwargs[key])
+    return made
+
+
+def _cached_made_with(path: Path) -> Optional[Dict[str, Any]]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        value = f.attrs.get("h0mini")
+    if value is None:
+        return None
+    return json.loads(value.decode() if isinstance(value, bytes) else str(value))
 
 
 def embed_patches(patches_path: PathLike, model: Any, *, embedding: str = "cls", **embed_kwargs: Any) -> Tuple[np.ndarray, List[str], np.ndarray]:
@@ -331,8 +362,10 @@ def hest_benchmark(
         embedding: which embedding (``"cls"``: the leaderboard's; ``"cls+mean"``: the H0-mini paper's).
             ``"cls"`` with ``precision="auto"`` (fp16 on CUDA) is the leaderboard's setting.
         cache_dir: where embeddings are cached per sample (HEST's layout). A sample whose file
-            exists is not embedded again, so an interrupted run resumes. Default: ``embeddings/``
-            in ``output_dir``, or nowhere (kept in memory) without one.
+            exists is not embedded again, so an interrupted run resumes; a file made by another
+            model, embedding, precision or input size is refused (its ``h0mini`` attribute says
+            what made it). Default: ``embeddings/`` in ``output_dir``, or nowhere (kept in memory)
+            without one.
         output_dir: where ``results_kfold.json`` and ``split<i>/results.json`` are written.
         n_components: PCA components (HEST's ``latent_dim``, 256).
         dimreduce: ``"PCA"`` (the leaderboard) or ``None``: ridge on the raw embeddings, *not the
@@ -371,6 +404,12 @@ def hest_benchmark(
     if cache_dir is None and embeddings is None and output_dir is not None:
         cache_dir = Path(output_dir) / "embeddings"
     loaded: Dict[str, _Sample] = {}
+    identity: List[Dict[str, Any]] = []
+
+    def made_with() -> Dict[str, Any]:  # computed once, when a cache is first read or written
+        if not identity:
+            identity.append(_made_with(model, embedding, embed_kwargs))
+        return identity[0]
 
     def sample(row: Dict[str, str]) -> _Sample:
         sid = row["sample_id"]
@@ -384,6 +423,11 @@ def hest_benchmark(
         else:
             cached = Path(cache_dir) / f"{sid}.h5" if cache_dir is not None else None
             if cached is not None and cached.is_file():
+                saved = _cached_made_with(cached)
+                if saved is not None and saved != made_with():
+                    raise EvaluationInputError(
+                        f"sample {sid}: the cached embeddings {cached} were made with {saved}, not "
+                        f"{made_with()}; pass another cache_dir (or output_dir), or delete the cache to embed again")
                 emb, barcodes, _ = read_embeddings(cached)
             else:
                 patches = task_dir / row["patches_path"]
@@ -391,7 +435,7 @@ def hest_benchmark(
                     raise EvaluationInputError(f"sample {sid}: patch file {patches} not found")
                 emb, barcodes, coords = embed_patches(patches, model, embedding=embedding, **embed_kwargs)
                 if cached is not None:
-                    write_embeddings(cached, emb, barcodes, coords)
+                    write_embeddings(cached, emb, barcodes, coords, made_with())
         expression, unmatched = read_expression(task_dir / row["expr_path"], barcodes, genes, sample_id=sid)
         if unmatched:
             logger.info("sample %s: %d spot(s) without a patch dropped, as HEST drops them", sid, unmatched)
