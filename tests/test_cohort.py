@@ -585,3 +585,17 @@ def test_a_bug_in_the_planner_is_raised_not_a_short_cohort(tmp_path, checkpoint,
     with pytest.raises(KeyError, match="a bug"):
         h0mini.embed_slides(slides, checkpoint, output_dir=tmp_path / "out", tissue=None, num_workers=0,
                             progress=False)
+
+
+def test_a_claim_of_an_earlier_process_with_this_pid_is_taken_over_and_says_when_it_was_taken(tmp_path):
+    claims = Claims(tmp_path)
+    assert claims.me.process_start is not None  # Linux: /proc
+    earlier = Owner(claims.me.host, os.getpid(), claims.me.process_start - 1000, 0.0)  # a restarted container
+    (tmp_path / ".claims").mkdir()
+    (tmp_path / ".claims" / "s1.1").write_text(json.dumps(earlier.__dict__))
+    assert claims.acquire("s1") is None, "a dead incarnation's claim is not this process's"
+    time.sleep(0.05)
+    assert claims.acquire("s2") is None
+    taken = [_read(tmp_path / ".claims" / n).started for n in ("s1.2", "s2.1")]
+    assert taken[0] < taken[1] and claims.acquire("s1") is not None
+    claims.release_all()

@@ -9,7 +9,8 @@ owner's heartbeat thread touches it every ``HEARTBEAT`` seconds.
 A dead owner's claim is taken over by creating the *next* generation, again with ``O_EXCL``, so
 exactly one process wins a takeover however many try. An owner counts as dead
 
-- on the same host, when its pid is gone, or now belongs to a process started at another time;
+- on the same host, when its pid is gone, or now belongs to a process started at another time
+  (this process's own pid included: a restarted container reuses pids);
 - on another host, when its heartbeat is older than ``timeout`` (default ``CLAIM_TIMEOUT``).
 
 Correctness never rests on claims alone: an output is only written when every tile of the
@@ -104,8 +105,10 @@ class Claims:
 
     def _dead(self, owner: Owner, path: Path) -> bool:
         if owner.host == self.me.host:
-            if owner.pid == self.me.pid:
-                return False
+            if owner.pid == self.me.pid:  # this process, or an earlier one given the same pid (a restarted
+                # container: same host name, same pid), whose claims nobody else would ever take over
+                return (owner.process_start is not None and self.me.process_start is not None
+                        and owner.process_start != self.me.process_start)
             if not pid_alive(owner.pid):
                 return True
             start = process_start_time(owner.pid)
@@ -172,7 +175,7 @@ class Claims:
         self._stop.set()
 
     def _create(self, target: Path) -> bool:
-        payload = json.dumps(self.me.__dict__).encode()
+        payload = json.dumps(dict(self.me.__dict__, started=time.time())).encode()  # when this claim was taken
         try:
             fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
