@@ -244,17 +244,20 @@ class OutputJob:
         self._existing = False
         remove_stale_temp(self.path)  # a writer killed mid-write left its temporary file
         self.parts.remove_stale_temp()
-        if overwrite:
+        # overwrite replaces work made with *other* settings; work made with these is kept and
+        # resumed, so a rerun with --overwrite (a requeued job script) never redoes finished batches
+        parts = self.parts.differences()
+        if parts and overwrite:
             self.parts.remove()
-        else:
-            self.parts.check()
-            if self.path.exists():
-                saved = _readable_provenance(self.path)
-                if saved is not None:
-                    found = differences(saved, settings)
-                    if found:
-                        raise SettingsMismatchError(self.path, found)
-                    self._existing = True
+        elif parts:
+            raise SettingsMismatchError(self.parts.folder, parts)
+        if self.path.exists():
+            saved = _readable_provenance(self.path)
+            if saved is not None:
+                found = differences(saved, settings)
+                if found and not overwrite:
+                    raise SettingsMismatchError(self.path, found)
+                self._existing = not found
 
     def saved_names(self) -> Dict[str, Tuple[str, Any]]:
         """Tile name -> where its row is saved: ("part", file) or ("output", row)."""
@@ -377,13 +380,10 @@ class PartStore:
     def pending_rows(self) -> int:
         return len(self._names)
 
-    def check(self) -> None:
-        """Raise ``SettingsMismatchError`` when the saved parts were made with other settings."""
+    def differences(self) -> Dict[str, Tuple[Any, Any]]:
+        """The settings the saved parts were made with otherwise (empty: none saved, or the same)."""
         saved = self._saved_settings()
-        if saved is not None:
-            found = differences(saved, self.settings)
-            if found:
-                raise SettingsMismatchError(self.folder, found)
+        return {} if saved is None else differences(saved, self.settings)
 
     def _saved_settings(self) -> Optional[Dict[str, Any]]:
         try:

@@ -109,7 +109,7 @@ def test_an_interrupted_run_resumes_with_only_the_missing_tiles(checkpoint, tile
     assert not out.exists() and len(list(out.with_name(out.name + ".parts").glob("part-*.npz"))) == 2
     monkeypatch.setattr(TileEmbedder, "iter_batches", real)
 
-    result = embed_to_file([tiles], out, embedder)
+    result = embed_to_file([tiles], out, embedder, overwrite=True)  # same settings: overwrite keeps the batches
     assert (result.reused, result.embedded) == (4, 3)
     np.testing.assert_allclose(
         read_embeddings(out).arrays["features"], expected_features(checkpoint, sorted(tiles.glob("*.png"))), atol=1e-5
@@ -130,6 +130,9 @@ def test_new_tiles_extend_a_finished_output(checkpoint, tiles, tmp_path, capsys)
     assert read_embeddings(out).provenance["precision"] == "fp32"
     assert embed(tiles, "-o", out, "--weights", checkpoint, "--precision", "bf16", "--overwrite") == 0
     assert "7 tiles (7 embedded" in capsys.readouterr().out
+    # --overwrite replaces work made otherwise, not work made with these settings
+    assert embed(tiles, "-o", out, "--weights", checkpoint, "--precision", "bf16", "--overwrite") == 0
+    assert "7 tiles, already done" in capsys.readouterr().out
 
 
 def test_a_killed_process_leaves_no_output_that_looks_complete(checkpoint, tmp_path):
