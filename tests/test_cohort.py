@@ -599,3 +599,24 @@ def test_a_claim_of_an_earlier_process_with_this_pid_is_taken_over_and_says_when
     taken = [_read(tmp_path / ".claims" / n).started for n in ("s1.2", "s2.1")]
     assert taken[0] < taken[1] and claims.acquire("s1") is not None
     claims.release_all()
+
+
+def test_a_signal_inside_release_leaves_the_claim_to_release_all(tmp_path, monkeypatch):
+    from h0mini.wsi import claims as claims_module
+
+    claims = Claims(tmp_path)
+    assert claims.acquire("s1") is None
+    real = claims_module._unlink
+    calls = []
+
+    def interrupted(path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # SIGTERM, raised by the command's handler, lands here
+        real(path)
+
+    monkeypatch.setattr(claims_module, "_unlink", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        claims.release("s1")
+    claims.release_all()  # the run's finally
+    assert not list((tmp_path / ".claims").iterdir())

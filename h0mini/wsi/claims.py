@@ -163,9 +163,12 @@ class Claims:
 
     def release(self, name: str) -> None:
         with self._lock:
-            mine = self._held.pop(name, None)
+            mine = self._held.get(name)
         if mine is not None:
-            _unlink(mine)
+            _unlink(mine)  # first, then forgotten: a signal between the two leaves it to release_all
+            with self._lock:
+                if self._held.get(name) == mine:
+                    del self._held[name]
 
     def release_all(self) -> None:
         with self._lock:
