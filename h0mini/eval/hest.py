@@ -155,8 +155,8 @@ def _made_with(model: Any, embedding: str, embed_kwargs: Dict[str, Any]) -> Dict
         from ..job import state_digest
 
         weights = state_digest(model)
-    made = {"model": weights, "embedding": embedding}
-    for key in ("precision", "input_size", "revision"):
+    made = {"model": weights, "embedding": embedding, "precision": str(embed_kwargs.get("precision") or "auto")}
+    for key in ("input_size", "revision"):
         if embed_kwargs.get(key) is not None:
             made[key] = str(embed_kwargs[key])
     return made
