@@ -620,3 +620,18 @@ def test_a_signal_inside_release_leaves_the_claim_to_release_all(tmp_path, monke
         claims.release("s1")
     claims.release_all()  # the run's finally
     assert not list((tmp_path / ".claims").iterdir())
+
+
+def test_saved_batches_left_beside_a_complete_output_are_removed_on_the_next_run(tmp_path, checkpoint):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_slide(slides / "s1.tif", 1)
+    out = tmp_path / "out"
+    run = ["embed-slides", str(slides), "-o", str(out), "--weights", str(checkpoint), *RUN, "-q"]
+    assert main(run) == 0
+    leftover = out / "s1.h5.parts"  # killed after the output's rename, before the batches' removal
+    leftover.mkdir()
+    (leftover / "part-host-1-abc-000001.npz").write_bytes(b"x" * 1000)
+    assert main(run) == 0
+    assert not leftover.exists() and len(read_embeddings(out / "s1.h5")) == 4
+    assert not list((out / ".claims").iterdir())

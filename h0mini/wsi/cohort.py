@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import queue
+import shutil
 import socket
 import threading
 import time
@@ -330,6 +331,7 @@ class _Cohort:
         try:
             finished = self.done(spec)
             if finished is not None:
+                self._remove_leftover_parts(spec)
                 plan.status = self._status(plan, ALREADY_DONE, tiles=finished)
                 return plan
             owner = self.claims.acquire(spec.name)
@@ -362,6 +364,19 @@ class _Cohort:
             plan.tiles, plan.pending, plan.job = None, [], None
             plan.status = self._status(plan, FAILED, error=" ".join(str(error).split()))
         return plan
+
+    def _remove_leftover_parts(self, spec: SlideSpec) -> None:
+        """The saved batches of a complete output (a writer killed between its output and their removal),
+        removed under the slide's claim."""
+        target = self.output_of(spec)
+        parts = target.with_name(target.name + ".parts")
+        if not parts.exists() or self.claims.acquire(spec.name) is not None:
+            return
+        try:
+            if self.done(spec) is not None:
+                shutil.rmtree(parts, ignore_errors=True)
+        finally:
+            self.claims.release(spec.name)
 
     def _draw_qc(self, plan: _Plan) -> str:
         path = self.out / "qc" / f"{plan.spec.name}.png"
