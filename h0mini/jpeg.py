@@ -40,8 +40,8 @@ class EncodedRegion(NamedTuple):
     """A slide region's stored JPEG tiles, undecoded, and where each goes (h0mini.wsi.stored_tiles).
 
     Decoded next to the model, pasted into ``size`` x ``size`` px, then area-averaged by the integer
-    factor ``size // tile_size`` exactly as PIL's BOX filter does (same rounding: pixel-identical to the
-    CPU path)."""
+    factor ``size // tile_size`` exactly as PIL's BOX filter does (same rounding: the CPU path's
+    pixels, given the same decoded tiles; nvJPEG's decode against libjpeg-turbo's is unmeasured)."""
 
     tiles: List[torch.Tensor]  # 1-D uint8 JPEG streams
     boxes: torch.Tensor  # (n, 6) int64: out_y, out_x, tile_y, tile_x, height, width
