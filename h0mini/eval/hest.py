@@ -151,6 +151,8 @@ def _made_with(model: Any, embedding: str, embed_kwargs: Dict[str, Any]) -> Dict
     embedding, and the options of ``embed_tiles`` that change the numbers."""
     if model is None or isinstance(model, (str, os.PathLike)):
         weights = "default" if model is None else os.fspath(model)
+    elif not hasattr(model, "state_dict"):  # an exported model (OnnxModel): named by its file
+        weights = f"{type(model).__name__}:{os.fspath(getattr(model, 'model_path', '') or '')}"
     else:
         from ..job import state_digest
 
