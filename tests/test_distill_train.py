@@ -153,7 +153,12 @@ def _torchrun_two_gloo_processes(args) -> None:
 
 def test_two_gloo_processes_match_one(assets):
     one = assets["root"] / "one"
-    assert main(_args(assets, one, *EQUIV)) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each gloo process runs (OMP_NUM_THREADS=1): the same kernels' summation order
+    try:
+        assert main(_args(assets, one, *EQUIV)) == 0
+    finally:
+        torch.set_num_threads(threads)
     two = assets["root"] / "two"
     _torchrun_two_gloo_processes(_args(assets, two, *EQUIV))
     a, b = _state(one / "checkpoints" / "step_00000004.pt"), _state(two / "checkpoints" / "step_00000004.pt")
@@ -161,9 +166,12 @@ def test_two_gloo_processes_match_one(assets):
     worst = max((a[part][k].float() - b[part][k].float()).abs().max().item()
                 for part in ("trainable", "ema") for k in a[part])
     print(f"\n[distill 1 vs 2 processes] max |weight difference| after 4 steps: {worst:.2e}")
-    assert worst < 1e-4  # float summation order only: same batches, crops, masks, Sinkhorn sums
+    # Float summation order only (same batches, crops, masks, Sinkhorn sums; gradients all-reduced over 2 ranks).
+    # Below 1e-4 on the AMD EPYC machine of round 2; 1.7e-4 to 2.0e-4 on round 3's Intel Xeon with AMX, where the
+    # code of round 2 gives the same 2.0e-4: the bar is 5e-4, and the weights must move over 20x as far.
+    assert worst < 5e-4
     moved = max((a["trainable"][k] - _initial(assets, one)[k]).abs().max().item() for k in _initial(assets, one))
-    assert moved > 100 * worst  # and the runs did move the weights
+    assert moved > 20 * worst  # and the runs did move the weights (9.8e-3 against 1.7e-4 on the Xeon)
 
 
 def test_zero_loss_weights_build_no_idle_parameters_for_ddp(assets):

@@ -154,8 +154,9 @@ def test_regions_the_fast_path_does_not_match_go_to_openslide(tmp_path, pixels):
 def test_the_fast_path_can_be_switched_off(tmp_path, pixels, monkeypatch):
     path = write_jpeg_slide(tmp_path / "s.tif", pixels)
     monkeypatch.setenv("H0MINI_STORED_TILES", "0")
+    before = stored_tiles.cache_info()["tiles"]  # other tests of this process may have filled the cache
     tile_slide(path, tissue=None)[0].load()
-    assert stored_tiles.cache_info()["tiles"] == 0
+    assert stored_tiles.cache_info()["tiles"] == before
 
 
 def test_dct_scaling_is_opt_in_and_close_to_box(tmp_path, pixels, monkeypatch):
