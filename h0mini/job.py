@@ -252,7 +252,7 @@ class OutputJob:
         elif parts:
             raise SettingsMismatchError(self.parts.folder, parts)
         if self.path.exists():
-            saved = _readable_provenance(self.path)
+            saved = saved_provenance(self.path)
             if saved is not None:
                 found = differences(saved, settings)
                 if found and not overwrite:
@@ -344,11 +344,16 @@ def _mean_rows(rows: RowBlocks) -> np.ndarray:
     return (total / rows.shape[0]).astype(np.float32)
 
 
-def _readable_provenance(path: Path) -> Optional[Dict[str, Any]]:
+def saved_provenance(path: Path, *, quiet: bool = False) -> Optional[Dict[str, Any]]:
+    """The provenance of an existing output (its attributes only), or None when there is none or it
+    cannot be read (an unreadable output is rewritten: it holds nothing to keep)."""
+    if not path.exists():
+        return None
     try:
         return read_provenance(path)
-    except Exception as error:  # an unreadable output is rewritten: it holds nothing to keep
-        logger.warning("ignoring unreadable existing output %s (%s): it will be rewritten", shown(path), error)
+    except Exception as error:
+        if not quiet:
+            logger.warning("ignoring unreadable existing output %s (%s): it will be rewritten", shown(path), error)
         return None
 
 
@@ -382,10 +387,11 @@ class PartStore:
 
     def differences(self) -> Dict[str, Tuple[Any, Any]]:
         """The settings the saved parts were made with otherwise (empty: none saved, or the same)."""
-        saved = self._saved_settings()
+        saved = self.saved_settings()
         return {} if saved is None else differences(saved, self.settings)
 
-    def _saved_settings(self) -> Optional[Dict[str, Any]]:
+    def saved_settings(self) -> Optional[Dict[str, Any]]:
+        """The settings the saved parts were made with, or None when there are none."""
         try:
             return json.loads((self.folder / "settings.json").read_text())
         except (OSError, ValueError):

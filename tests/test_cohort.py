@@ -635,3 +635,23 @@ def test_saved_batches_left_beside_a_complete_output_are_removed_on_the_next_run
     assert main(run) == 0
     assert not leftover.exists() and len(read_embeddings(out / "s1.h5")) == 4
     assert not list((out / ".claims").iterdir())
+
+
+def test_a_summary_that_cannot_be_written_does_not_stop_the_cohort(cohort, checkpoint, tmp_path, monkeypatch):
+    from h0mini.wsi import cohort as cohort_module
+
+    calls = {"n": 0}
+    original = cohort_module.update_summary
+
+    def flaky(output_dir, statuses):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(5, "Input/output error")  # a transient NFS error
+        return original(output_dir, statuses)
+
+    monkeypatch.setattr(cohort_module, "update_summary", flaky)
+    slides = sorted(cohort.glob("*.tif"))[:3]
+    statuses = h0mini.embed_slides(slides, h0mini.load_model(checkpoint), output_dir=tmp_path / "out", tissue=None,
+                                   num_workers=0, qc=False, progress=False)
+    assert [s.status for s in statuses] == ["done"] * 3
+    assert len(read_summary(tmp_path / "out" / "summary.csv")) == 3  # the missed row came with the next one

@@ -23,7 +23,7 @@ def test_hest_command_prints_the_leaderboard_row(tmp_path, capsys):
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "# NOT the leaderboard protocol: PCA(8)"  # the synthetic folds have fewer than 256 spots
-    assert lines[1] == "| Average | IDC | LYMPH_IDC |"  # HEST's column order, not the order given
+    assert lines[1] == "| Mean of 2 tasks | IDC | LYMPH_IDC |"  # HEST's column order, not the order given
     values = [float(v) for v in lines[3].strip("| ").split(" | ")]
     idc = json.loads((out / "IDC" / "results_kfold.json").read_text())["pearson_mean"]
     lymph = json.loads((out / "LYMPH_IDC" / "results_kfold.json").read_text())["pearson_mean"]

@@ -484,11 +484,17 @@ def _write_json(path: Path, data: Dict[str, Any]) -> None:
 
 
 def leaderboard_row(scores: Dict[str, float]) -> Tuple[List[str], List[float]]:
-    """Columns (``Average`` then tasks, HEST's order first) and values for the tasks scored."""
+    """Columns (``Average`` then tasks, HEST's order first) and values for the tasks scored.
+
+    The mean is called ``Average`` only over all nine HEST-Benchmark tasks, the leaderboard's column;
+    over fewer it reads ``Mean of k tasks``, so that it is never mistaken for a leaderboard average.
+    """
     rank = {t: i for i, t in enumerate(HEST_TASKS)}
     order = sorted(scores, key=lambda t: (rank.get(t.upper(), len(rank)), t))
     values = [scores[t] for t in order]
-    return ["Average"] + order, [float(np.mean(values))] + values
+    complete = {t.upper() for t in order} >= set(HEST_TASKS)
+    label = "Average" if complete else f"Mean of {len(order)} task{'s' if len(order) != 1 else ''}"
+    return [label] + order, [float(np.mean(values))] + values
 
 
 __all__ = [

@@ -39,10 +39,11 @@ import torch
 from ..deprecation import take_options
 from ..embed import ModelLike, TileEmbedder, make_progress
 from ..errors import H0miniError, InvalidArgumentError, shown
-from ..job import SAME_NUMBERS, OutputJob, SettingsMismatchError, differences, job_settings
+from ..job import (SAME_NUMBERS, OutputJob, PartStore, SettingsMismatchError, differences, job_settings,
+                   saved_provenance)
 from ..tiles import TileInput
 from ..wording import say
-from ..writers import check_writable, read_provenance, remove_stale_temp
+from ..writers import check_writable, remove_stale_temp
 from .claims import CLAIM_TIMEOUT, Claims
 from .embed import slide_request
 from .grid import MIN_TISSUE, TARGET_MPP, SlideTiles, tile_slide
@@ -206,6 +207,7 @@ class _Cohort:
         self.qc, self.reader, self.on_error, self.save_every = qc, reader, on_error, save_every
         self.overwrite, self.claims, self.request = overwrite, claims, request
         self.statuses: List[SlideStatus] = []
+        self._unsaved_rows: List[SlideStatus] = []  # summary rows a failed write left for the next one
         self._active: Deque[_Plan] = collections.deque()
         self._stop = threading.Event()
         self._seconds: List[float] = []
@@ -240,8 +242,8 @@ class _Cohort:
         found = []
         for spec in specs:
             target = self.output_of(spec)
-            for path, saved in ((target, _provenance(target)), (target.with_name(target.name + ".parts"),
-                                                                 _parts_settings(target))):
+            parts = PartStore(target.with_name(target.name + ".parts"), {})
+            for path, saved in ((target, saved_provenance(target, quiet=True)), (parts.folder, parts.saved_settings())):
                 if saved is None:
                     continue
                 diff = self._saved_differences(spec, saved)
@@ -261,7 +263,7 @@ class _Cohort:
 
     def done(self, spec: SlideSpec) -> Optional[int]:
         """The tile count of a complete output of ``spec`` made with these settings, or None."""
-        saved = _provenance(self.output_of(spec))
+        saved = saved_provenance(self.output_of(spec), quiet=True)
         if saved is None or self._saved_differences(spec, saved):
             return None
         if self.on_error == "raise" and saved.get("num_skipped"):
@@ -301,8 +303,8 @@ class _Cohort:
             if planner.is_alive():
                 planner.join(timeout=10)
             self.claims.release_all()
-        if not self.statuses:
-            update_summary(self.out, [])  # an empty share still leaves a summary
+        if not self.statuses or self._unsaved_rows:
+            update_summary(self.out, self._unsaved_rows)  # rows a failed write left; an empty share's summary
         return self.statuses
 
     def _plan_all(self, specs: List[SlideSpec], plans: "queue.Queue[Any]") -> None:
@@ -434,7 +436,13 @@ class _Cohort:
             plan = self._active.popleft()
             status = plan.status or self._write(plan)
             self.statuses.append(status)
-            update_summary(self.out, [status])
+            self._unsaved_rows.append(status)
+            try:
+                update_summary(self.out, self._unsaved_rows)
+                self._unsaved_rows = []
+            except OSError as error:  # the output is written; a summary row is not worth the cohort
+                logger.warning("could not update %s (%s); the next finished slide tries again",
+                               shown(self.out / "summary.csv"), error)
             self._log(status)
             bar.update(1)
 
@@ -498,21 +506,3 @@ class _Cohort:
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _provenance(path: Path) -> Optional[Dict[str, Any]]:
-    if not path.exists():
-        return None
-    try:
-        return read_provenance(path)
-    except Exception:  # unreadable: rewritten, it holds nothing to keep
-        return None
-
-
-def _parts_settings(target: Path) -> Optional[Dict[str, Any]]:
-    import json
-
-    try:
-        return json.loads((target.with_name(target.name + ".parts") / "settings.json").read_text())
-    except (OSError, ValueError):
-        return None
