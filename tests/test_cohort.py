@@ -655,3 +655,15 @@ def test_a_summary_that_cannot_be_written_does_not_stop_the_cohort(cohort, check
                                    num_workers=0, qc=False, progress=False)
     assert [s.status for s in statuses] == ["done"] * 3
     assert len(read_summary(tmp_path / "out" / "summary.csv")) == 3  # the missed row came with the next one
+
+
+def test_a_container_sharing_the_host_name_is_judged_by_its_heartbeat(tmp_path):
+    claims = Claims(tmp_path, timeout=60)
+    path = tmp_path / ".claims" / "s1.1"
+    path.parent.mkdir()
+    # Same host name (host networking), a pid that does not exist here, another pid namespace: alive while it beats.
+    path.write_text(json.dumps({"host": claims.me.host, "pid": 2**22 + 17, "process_start": None, "started": 0,
+                                "pid_namespace": "pid:[1]"}))
+    assert claims.acquire("s1") is not None
+    os.utime(path, (time.time() - 120, time.time() - 120))
+    assert claims.acquire("s1") is None

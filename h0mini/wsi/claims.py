@@ -9,9 +9,10 @@ owner's heartbeat thread touches it every ``HEARTBEAT`` seconds.
 A dead owner's claim is taken over by creating the *next* generation, again with ``O_EXCL``, so
 exactly one process wins a takeover however many try. An owner counts as dead
 
-- on the same host, when its pid is gone, or now belongs to a process started at another time
-  (this process's own pid included: a restarted container reuses pids);
-- on another host, when its heartbeat is older than ``timeout`` (default ``CLAIM_TIMEOUT``).
+- on the same host and in the same pid namespace, when its pid is gone, or now belongs to a process
+  started at another time (this process's own pid included: a restarted container reuses pids);
+- on another host, or in another container that shares the host name (host networking), when its
+  heartbeat is older than ``timeout`` (default ``CLAIM_TIMEOUT``).
 
 Correctness never rests on claims alone: an output is only written when every tile of the
 slide is in hand, and part files have names unique to their writer, so even two owners (a
@@ -44,6 +45,7 @@ class Owner:
     pid: int
     process_start: Optional[float]  # the pid's start time (so a reused pid is not mistaken for the owner)
     started: float  # when the claim was taken (Unix time)
+    pid_namespace: Optional[str] = None  # containers sharing a host name but not their pids tell apart by it
 
     def describe(self) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
@@ -51,7 +53,15 @@ class Owner:
 
 
 def this_process() -> Owner:
-    return Owner(socket.gethostname(), os.getpid(), process_start_time(os.getpid()), time.time())
+    return Owner(socket.gethostname(), os.getpid(), process_start_time(os.getpid()), time.time(), pid_namespace())
+
+
+def pid_namespace() -> Optional[str]:
+    """This process's pid namespace (Linux: ``pid:[4026531836]``), or None where it cannot be told."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def process_start_time(pid: int) -> Optional[float]:
@@ -104,7 +114,9 @@ class Claims:
         return owner if owner is not None and not self._dead(owner, generations[-1][1]) else None
 
     def _dead(self, owner: Owner, path: Path) -> bool:
-        if owner.host == self.me.host:
+        same_pids = owner.pid_namespace is None or self.me.pid_namespace is None or \
+            owner.pid_namespace == self.me.pid_namespace  # host networking: one host name, other pids
+        if owner.host == self.me.host and same_pids:
             if owner.pid == self.me.pid:  # this process, or an earlier one given the same pid (a restarted
                 # container: same host name, same pid), whose claims nobody else would ever take over
                 return (owner.process_start is not None and self.me.process_start is not None
@@ -210,7 +222,8 @@ class Claims:
 def _read(path: Path) -> Optional[Owner]:
     try:
         data = json.loads(path.read_bytes())
-        return Owner(str(data["host"]), int(data["pid"]), data.get("process_start"), float(data["started"]))
+        return Owner(str(data["host"]), int(data["pid"]), data.get("process_start"), float(data["started"]),
+                     data.get("pid_namespace"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
