@@ -650,6 +650,7 @@ def test_a_summary_that_cannot_be_written_does_not_stop_the_cohort(cohort, check
         return original(output_dir, statuses)
 
     monkeypatch.setattr(cohort_module, "update_summary", flaky)
+    monkeypatch.setattr(cohort_module, "SUMMARY_EVERY", 0.0)  # merge after every slide
     slides = sorted(cohort.glob("*.tif"))[:3]
     statuses = h0mini.embed_slides(slides, h0mini.load_model(checkpoint), output_dir=tmp_path / "out", tissue=None,
                                    num_workers=0, qc=False, progress=False)
@@ -667,3 +668,17 @@ def test_a_container_sharing_the_host_name_is_judged_by_its_heartbeat(tmp_path):
     assert claims.acquire("s1") is not None
     os.utime(path, (time.time() - 120, time.time() - 120))
     assert claims.acquire("s1") is None
+
+
+def test_summary_rows_are_merged_in_batches_and_all_saved_at_the_end(cohort, checkpoint, tmp_path, monkeypatch):
+    from h0mini.wsi import cohort as cohort_module
+
+    merges = []
+    original = cohort_module.update_summary
+    monkeypatch.setattr(cohort_module, "update_summary", lambda out, rows: (merges.append(len(rows)), original(out, rows)))
+    monkeypatch.setattr(cohort_module, "SUMMARY_EVERY", 3600.0)
+    slides = sorted(cohort.glob("*.tif"))[:4]
+    h0mini.embed_slides(slides, h0mini.load_model(checkpoint), output_dir=tmp_path / "out", tissue=None,
+                        num_workers=0, qc=False, progress=False)
+    assert merges == [1, 3]  # the first slide at once, the rest at the end: not a rewrite per slide
+    assert len(read_summary(tmp_path / "out" / "summary.csv")) == 4

@@ -57,6 +57,9 @@ from .summary import ALREADY_DONE, CLAIMED, DONE, FAILED, SlideStatus, update_su
 logger = logging.getLogger(__name__)
 
 LOOKAHEAD = 2  # slides planned (claimed, tiled, QC drawn) ahead of the one being embedded
+# summary.csv is merged at most this often (and at once for a failure, and at the end): every merge reads
+# and rewrites the whole file under a lock every process of the folder shares.
+SUMMARY_EVERY = 10.0  # seconds
 _END = object()
 
 
@@ -207,7 +210,8 @@ class _Cohort:
         self.qc, self.reader, self.on_error, self.save_every = qc, reader, on_error, save_every
         self.overwrite, self.claims, self.request = overwrite, claims, request
         self.statuses: List[SlideStatus] = []
-        self._unsaved_rows: List[SlideStatus] = []  # summary rows a failed write left for the next one
+        self._unsaved_rows: List[SlideStatus] = []  # summary rows not yet merged into summary.csv
+        self._summary_saved = -math.inf
         self._active: Deque[_Plan] = collections.deque()
         self._stop = threading.Event()
         self._seconds: List[float] = []
@@ -291,6 +295,8 @@ class _Cohort:
                 if self._planner_error is not None:  # the slides after it were never planned: say so
                     raise self._planner_error
         except BaseException:
+            if self._unsaved_rows:  # the slides already written get their rows
+                self._save_summary()
             for plan in list(self._active):  # Ctrl-C, SIGTERM, a crash: keep every finished batch
                 if plan.job is not None:
                     try:
@@ -304,7 +310,7 @@ class _Cohort:
                 planner.join(timeout=10)
             self.claims.release_all()
         if not self.statuses or self._unsaved_rows:
-            update_summary(self.out, self._unsaved_rows)  # rows a failed write left; an empty share's summary
+            update_summary(self.out, self._unsaved_rows)  # the last rows; an empty share's summary
         return self.statuses
 
     def _plan_all(self, specs: List[SlideSpec], plans: "queue.Queue[Any]") -> None:
@@ -437,14 +443,20 @@ class _Cohort:
             status = plan.status or self._write(plan)
             self.statuses.append(status)
             self._unsaved_rows.append(status)
-            try:
-                update_summary(self.out, self._unsaved_rows)
-                self._unsaved_rows = []
-            except OSError as error:  # the output is written; a summary row is not worth the cohort
-                logger.warning("could not update %s (%s); the next finished slide tries again",
-                               shown(self.out / "summary.csv"), error)
+            if status.status == FAILED or time.monotonic() - self._summary_saved >= SUMMARY_EVERY:
+                self._save_summary()
             self._log(status)
             bar.update(1)
+
+    def _save_summary(self) -> None:
+        """Merge the rows not yet saved into summary.csv (a failure waits for the next try)."""
+        try:
+            update_summary(self.out, self._unsaved_rows)
+            self._unsaved_rows = []
+        except OSError as error:  # the outputs are written; a summary row is not worth the cohort
+            logger.warning("could not update %s (%s); the next finished slide tries again",
+                           shown(self.out / "summary.csv"), error)
+        self._summary_saved = time.monotonic()
 
     def _write(self, plan: _Plan) -> SlideStatus:
         name = plan.spec.name
