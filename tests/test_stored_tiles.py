@@ -340,3 +340,14 @@ def test_embedding_with_device_decoding_equals_cpu_decoding_and_skips_damaged_ti
     assert [s.index for s in runs["cpu skipped"]] == [s.index for s in runs["device skipped"]]
     np.testing.assert_allclose(runs["device"], runs["cpu"], rtol=0, atol=1e-6)
     assert len(decoded) == len(tiles) - len(runs["cpu skipped"]) > 0  # every good tile went the device way
+
+
+def test_a_truncated_tiff_falls_back_without_tifffile_log_lines(tmp_path, caplog):
+    from helpers import SLIDE
+
+    data = SLIDE.read_bytes()
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[: len(data) // 2])
+    with caplog.at_level("DEBUG"):
+        assert stored_tiles._slide(str(cut), [(2220, 2967)], [1.0]) is None  # OpenSlide reports the damage
+    assert not [r for r in caplog.records if r.name == "tifffile"]

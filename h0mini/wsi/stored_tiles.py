@@ -21,6 +21,7 @@ Memory: at most ``CACHE_BYTES`` (``H0MINI_TILE_CACHE_MB``, default 64 MiB) of de
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -101,12 +102,16 @@ class StoredSlide:
         except ImportError:
             return None
         stat = os.stat(path)
+        log = logging.getLogger("tifffile")
+        level, log.level = log.level, logging.CRITICAL  # a damaged file is OpenSlide's to report, in one line
         try:
             with tifffile.TiffFile(path) as tif:
                 pages = [page for page in tif.pages if getattr(page, "is_tiled", False)]
                 levels = [_stored_level(pages, dims, ds) for dims, ds in zip(level_dimensions, level_downsamples)]
         except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: OpenSlide reads it
             return None
+        finally:
+            log.level = level
         if not any(levels):
             return None
         return cls(path, (stat.st_size, stat.st_mtime_ns), levels)
