@@ -238,7 +238,7 @@ class _Cohort:
 
     def _saved_differences(self, spec: SlideSpec, saved: Dict[str, Any]) -> Dict[str, Any]:
         saved = dict(saved, request=(saved.get("tiling") or {}).get("request"))
-        keys = [k for k in SAME_NUMBERS if k != "tiling"] + ["slide", "request"]
+        keys = [k for k in SAME_NUMBERS if k != "tiling"] + ["request"]  # "slide" is one of SAME_NUMBERS
         return differences(saved, self.expected(spec), keys)
 
     def refuse_mismatches(self, specs: Sequence[SlideSpec]) -> None:
