@@ -41,7 +41,8 @@ from .preprocess import Preprocessing
 from .tiles import read_input
 from .version import __version__
 from .wording import say
-from .writers import atomic_folder, check_writable
+from .atomic import atomic_folder
+from .writers import check_writable
 
 logger = logging.getLogger(__name__)
 

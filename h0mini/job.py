@@ -31,8 +31,9 @@ from .embed import TileEmbedder, make_progress
 from .errors import InvalidArgumentError, InvalidTileError, MissingRowsError, SettingsMismatchError, shown
 from .tiles import LazyTile, TileInput, TileRef, expand_path
 from .version import __version__
-from .writers import (Embeddings, RowBlocks, atomic_path, check_format, check_writable, raise_if_disk_full,
-                      read_embeddings, read_provenance, remove_stale_temp, write_embeddings)
+from .atomic import atomic_path, remove_stale_temp
+from .writers import (Embeddings, RowBlocks, check_format, check_writable, raise_if_disk_full, read_embeddings,
+                      read_provenance, write_embeddings)
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import secrets
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -22,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .atomic import atomic_path, remove_stale_temp, temp_name
 from .errors import InvalidArgumentError, OptionalDependencyError, OutputNotWritableError
 from .wording import say
 
@@ -102,90 +99,6 @@ def check_format(path: Path, output: str) -> None:
         _pyarrow()  # a missing optional package fails now, not after the embedding
 
 
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``, renamed onto it only when the block succeeds.
-
-    The temporary name ``.NAME.PID-RANDOM.tmp`` carries the writer's process id, so a later run
-    can tell the leftovers of a killed writer (see ``remove_stale_temp``) from a live one's. The
-    file is created with mode 0666 less the umask, like any file the user creates.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@contextmanager
-def atomic_folder(folder: Path) -> Iterator[Path]:
-    """A temporary folder beside ``folder``, put in its place only when the block succeeds.
-
-    Readers never see a half-written folder and a failure leaves nothing behind. The folder
-    gets mode 0777 less the umask (``mkdtemp``'s 0700 is for the work in progress). A folder
-    already at ``folder`` is replaced.
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}-", suffix=".tmp", dir=folder.parent))
-    mask = os.umask(0o022)
-    os.umask(mask)
-    tmp.chmod(0o777 & ~mask)
-    try:
-        yield tmp
-        if folder.exists():
-            old = tmp.with_name(tmp.name + ".old")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def remove_stale_temp(path: Path) -> List[Path]:
-    """Delete the temporary files ``atomic_path`` left beside ``path`` in runs that were killed.
-
-    A temporary file whose writer process is still alive is kept; one without a process id
-    (older versions) counts as stale. Returns the files removed.
-    """
-    removed = []
-    prefix = f".{path.name}."
-    try:
-        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
-    except OSError:
-        return removed
-    for candidate in candidates:
-        middle = candidate.name[len(prefix):-len(".tmp")]
-        pid = middle.split("-", 1)[0] if "-" in middle else ""
-        if pid.isdigit() and pid_alive(int(pid)):
-            continue
-        try:
-            candidate.unlink()
-            removed.append(candidate)
-        except OSError:
-            pass
-    return removed
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine (this process counts as alive)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def check_writable(path: Path, *, folder: bool = False) -> None:
     """Fail before any work when the output file ``path`` (a folder with ``folder=True``) cannot be written.
 
@@ -207,7 +120,7 @@ def check_writable(path: Path, *, folder: bool = False) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # A name of this process's own: probes of processes sharing the folder never meet.
-        probe = directory / f".h0mini-write-check.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        probe = directory / temp_name("h0mini-write-check")
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         os.unlink(probe)
     except OSError as error:

@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     training = _read_training(args.training, args.parser)
     from ..card import render_model_card
     from ..model import load_model
-    from ..writers import atomic_path, check_writable
+    from ..atomic import atomic_path
+    from ..writers import check_writable
 
     if output is not None:
         check_writable(output)

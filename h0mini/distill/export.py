@@ -26,7 +26,7 @@ from ..card import render_model_card
 from ..constants import CONFIG_NAME, SAFETENSORS_NAME
 from ..model import file_sha256
 from ..version import __version__
-from ..writers import atomic_folder
+from ..atomic import atomic_folder
 from .config import ConfigError, DistillConfig
 from .meta_arch import STUDENT_FIXED_ARGS, count_parameters
 

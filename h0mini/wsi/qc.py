@@ -45,7 +45,7 @@ def qc_image(tiles: SlideTiles, thumbnail: Optional[Image.Image] = None) -> Imag
 def save_qc_image(tiles: SlideTiles, path: Union[str, os.PathLike]) -> Path:
     """Write the QC picture as PNG (atomically: a picture under its name is always whole), removing the
     temporary files that killed writers of the same picture left beside it."""
-    from ..writers import atomic_path, remove_stale_temp
+    from ..atomic import atomic_path, remove_stale_temp
 
     path = Path(path)
     remove_stale_temp(path)

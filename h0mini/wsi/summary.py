@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, Iterator, List
 
-from ..writers import atomic_path
+from ..atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 

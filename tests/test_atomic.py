@@ -1,0 +1,63 @@
+"""Temporary files: a later run removes what dead writers left, and never what a live writer elsewhere holds."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from h0mini import atomic
+from h0mini.atomic import atomic_path, machine_tag, remove_stale_temp
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _age(path: Path, seconds: float) -> None:
+    os.utime(path, (time.time() - seconds, time.time() - seconds))
+
+
+def test_a_temporary_name_says_which_process_on_which_machine_writes_it(tmp_path):
+    target = tmp_path / "slide.h5"
+    with atomic_path(target) as tmp:
+        assert re.fullmatch(rf"\.slide\.h5\.{os.getpid()}-{machine_tag()}-[0-9a-f]{{8}}\.tmp", tmp.name)
+        assert remove_stale_temp(target) == [] and tmp.exists(), "a live writer's file is kept"
+        tmp.write_bytes(b"rows")
+    assert target.read_bytes() == b"rows" and [p.name for p in tmp_path.iterdir()] == ["slide.h5"]
+
+
+def test_leftovers_of_this_machine_are_judged_by_pid_and_of_other_machines_by_age(tmp_path):
+    target = tmp_path / "s.h5"
+    me, elsewhere = machine_tag(), "0badc0de"
+    files = {
+        "dead here": tmp_path / f".s.h5.{_dead_pid()}-{me}-00000001.tmp",
+        "alive here": tmp_path / f".s.h5.{os.getppid()}-{me}-00000002.tmp",
+        # Another node on the shared file system: its pid means nothing here, its file's age does.
+        "writing elsewhere": tmp_path / f".s.h5.{_dead_pid()}-{elsewhere}-00000003.tmp",
+        "abandoned elsewhere": tmp_path / f".s.h5.{os.getppid()}-{elsewhere}-00000004.tmp",
+        "older version, dead": tmp_path / f".s.h5.{_dead_pid()}-0a1b2c3d.tmp",
+        "another output": tmp_path / f".t.h5.{_dead_pid()}-{me}-00000005.tmp",
+    }
+    for path in files.values():
+        path.write_bytes(b"")
+    _age(files["abandoned elsewhere"], atomic.FOREIGN_TEMP_TIMEOUT + 60)
+    _age(files["writing elsewhere"], 60)  # written a minute ago: a pause between two writes
+    removed = remove_stale_temp(target)
+    assert sorted(removed) == sorted(files[k] for k in ("dead here", "abandoned elsewhere", "older version, dead"))
+    assert all(files[k].exists() for k in ("alive here", "writing elsewhere", "another output"))
+
+
+def test_another_machines_leftover_is_aged_on_the_file_systems_clock(tmp_path, monkeypatch):
+    target = tmp_path / "s.h5"
+    fresh = tmp_path / f".s.h5.{_dead_pid()}-0badc0de-00000001.tmp"
+    fresh.write_bytes(b"")
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 2 * atomic.FOREIGN_TEMP_TIMEOUT)  # this clock runs ahead
+    assert remove_stale_temp(target) == [] and fresh.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".h0mini-clock")], "the clock probe is removed"
