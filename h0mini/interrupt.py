@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager
+from typing import Iterator, List, Tuple
 
 EXIT_STATUS = 130  # 128 + SIGINT, as shells report it
 
@@ -48,3 +50,30 @@ def started_as_command() -> bool:
         return True
     original = list(getattr(sys, "orig_argv", []))[1:]  # Python 3.10+; the interpreter's options, then -m NAME
     return "-m" in original and original[original.index("-m") + 1:][:1] == ["h0mini"]
+
+
+@contextmanager
+def signals_held(signums: Tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Ctrl-C and SIGTERM arriving inside the block are delivered when it ends, not in its middle.
+
+    For clean-up that must run whole: saving finished batches, giving back claims. A second
+    Ctrl-C, or a scheduler's SIGTERM after the first, would otherwise cut it short. Outside the
+    main thread (where Python runs no handlers) the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: List[int] = []
+    previous = {}
+    for signum in signums:
+        handler = signal.getsignal(signum)
+        if handler is None:  # installed outside Python: leave it alone
+            continue
+        previous[signum] = signal.signal(signum, lambda number, frame: arrived.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)

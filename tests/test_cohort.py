@@ -682,3 +682,67 @@ def test_summary_rows_are_merged_in_batches_and_all_saved_at_the_end(cohort, che
                         num_workers=0, qc=False, progress=False)
     assert merges == [1, 3]  # the first slide at once, the rest at the end: not a rewrite per slide
     assert len(read_summary(tmp_path / "out" / "summary.csv")) == 4
+
+
+def test_heartbeat_ages_are_read_on_the_file_systems_clock_not_this_machines(tmp_path, monkeypatch):
+    claims = Claims(tmp_path, timeout=60)
+    fresh, stale = tmp_path / ".claims" / "s1.1", tmp_path / ".claims" / "s2.1"
+    fresh.parent.mkdir()
+    for path in (fresh, stale):
+        path.write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "process_start": None, "started": 0}))
+    os.utime(stale, (time.time() - 120, time.time() - 120))  # its owner stopped beating two minutes ago
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # this machine's clock an hour ahead of the server's
+    assert claims.acquire("s1") is not None, "a fresh heartbeat is fresh whatever this machine's clock says"
+    monkeypatch.setattr(time, "time", lambda: real() - 3600)  # and an hour behind
+    assert claims.acquire("s2") is None, "a stale heartbeat is stale whatever this machine's clock says"
+    claims.release_all()
+
+
+def test_a_claim_contended_past_every_retry_is_never_reported_as_this_processs(tmp_path, monkeypatch):
+    claims = Claims(tmp_path, timeout=60)
+    path = tmp_path / ".claims" / "s1.1"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"host": "gone", "pid": 1, "process_start": None, "started": 0}))
+    os.utime(path, (0, 0))  # dead: every round tries a takeover
+    monkeypatch.setattr(claims, "_create", lambda target: False)  # and every round someone else is faster
+    owner = claims.acquire("s1")
+    assert owner is not None and owner != claims.me
+    assert "another process" in owner.describe() and str(os.getpid()) not in owner.describe()
+
+
+def test_a_second_sigterm_during_the_clean_up_loses_no_batch_and_leaves_no_claim(cohort, checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    from h0mini.job import OutputJob
+    from h0mini.wsi import cohort as cohort_module
+
+    routed = []
+    route, flush, release = cohort_module._Cohort._route, OutputJob.flush, Claims.release
+
+    def route_then_first_sigterm(self, batch):
+        route(self, batch)
+        routed.append(len(batch.indices))
+        if len(routed) == 6:  # slide00 written, slide01 half embedded and only in memory
+            raise KeyboardInterrupt  # what the command's SIGTERM handler raises
+
+    def second_sigterm_then_flush(self):
+        if len(routed) >= 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        flush(self)
+
+    def third_sigterm_then_release(self, name):
+        if len(routed) >= 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        release(self, name)
+
+    monkeypatch.setattr(cohort_module._Cohort, "_route", route_then_first_sigterm)
+    monkeypatch.setattr(OutputJob, "flush", second_sigterm_then_flush)
+    monkeypatch.setattr(Claims, "release", third_sigterm_then_release)
+    out = tmp_path / "out"
+    slides = sorted(str(p) for p in cohort.glob("*.tif"))[:5]
+    assert main(["embed-slides", *slides, "-o", str(out), "--weights", str(checkpoint), *RUN, "--save-every", "100",
+                 "-q"]) == 130
+    assert len(read_embeddings(out / "slide00.h5")) == 4
+    saved = sum(len(np.load(p)["tile_names"]) for p in (out / "slide01.h5.parts").glob("part-*.npz"))
+    assert saved == sum(routed) - 4 == 2, "the rows held in memory were saved despite the second signal"
+    assert not list((out / ".claims").iterdir()), "every claim was given back despite the third"

@@ -12,7 +12,9 @@ exactly one process wins a takeover however many try. An owner counts as dead
 - on the same host and in the same pid namespace, when its pid is gone, or now belongs to a process
   started at another time (this process's own pid included: a restarted container reuses pids);
 - on another host, or in another container that shares the host name (host networking), when its
-  heartbeat is older than ``timeout`` (default ``CLAIM_TIMEOUT``).
+  heartbeat is older than ``timeout`` (default ``CLAIM_TIMEOUT``). The heartbeat's age is measured
+  on the file system's clock (a file created in ``.claims`` carries it), so clocks that disagree
+  between machines do not make a live owner look dead.
 
 Correctness never rests on claims alone: an output is only written when every tile of the
 slide is in hand, and part files have names unique to their writer, so even two owners (a
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..writers import pid_alive
+from ..atomic import filesystem_now, pid_alive
 
 HEARTBEAT = 30.0  # seconds between touches of a held claim
 CLAIM_TIMEOUT = 600.0  # seconds without a heartbeat after which another host's claim counts as dead
@@ -48,8 +50,14 @@ class Owner:
     pid_namespace: Optional[str] = None  # containers sharing a host name but not their pids tell apart by it
 
     def describe(self) -> str:
+        if self is UNKNOWN:
+            return "another process (its claim was being taken while this one looked)"
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
         return f"{self.host} pid {self.pid} since {since}"
+
+
+UNKNOWN = Owner("", 0, None, 0.0)
+"""The owner of a claim contended past every retry: someone else, not known who."""
 
 
 def this_process() -> Owner:
@@ -126,7 +134,7 @@ class Claims:
             start = process_start_time(owner.pid)
             return owner.process_start is not None and start is not None and start != owner.process_start
         try:
-            age = time.time() - path.stat().st_mtime
+            age = filesystem_now(self.folder) - path.stat().st_mtime  # the file server's clock, not ours
         except FileNotFoundError:
             return True
         return age > self.timeout
@@ -143,7 +151,7 @@ class Claims:
                 owner = _read(path)
                 if owner is None:  # being written this instant, or emptied by a crash mid-write
                     try:
-                        fresh = time.time() - path.stat().st_mtime < 5.0
+                        fresh = filesystem_now(self.folder) - path.stat().st_mtime < 5.0
                     except FileNotFoundError:
                         continue
                     if fresh:
@@ -161,8 +169,7 @@ class Claims:
                     _unlink(old)
                 self._start_heartbeat()
                 return None
-        owner = self.owner(name)
-        return owner or self.me  # contended for 20 rounds: leave it to the others
+        return self.owner(name) or UNKNOWN  # contended for 20 rounds: leave it to the others
 
     def still_mine(self, name: str) -> bool:
         """Whether this process's claim on ``name`` is still the newest (not taken over)."""

@@ -36,14 +36,16 @@ from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..atomic import remove_stale_temp
 from ..deprecation import take_options
 from ..embed import ModelLike, TileEmbedder, make_progress
 from ..errors import H0miniError, InvalidArgumentError, shown
+from ..interrupt import signals_held
 from ..job import (SAME_NUMBERS, OutputJob, PartStore, SettingsMismatchError, differences, job_settings,
                    saved_provenance)
 from ..tiles import TileInput
 from ..wording import say
-from ..writers import check_writable, remove_stale_temp
+from ..writers import check_writable
 from .claims import CLAIM_TIMEOUT, Claims
 from .embed import slide_request
 from .grid import MIN_TISSUE, TARGET_MPP, SlideTiles, tile_slide
@@ -294,24 +296,31 @@ class _Cohort:
                 self._finish_ready(math.inf, bar)
                 if self._planner_error is not None:  # the slides after it were never planned: say so
                     raise self._planner_error
-        except BaseException:
-            if self._unsaved_rows:  # the slides already written get their rows
-                self._save_summary()
-            for plan in list(self._active):  # Ctrl-C, SIGTERM, a crash: keep every finished batch
-                if plan.job is not None:
-                    try:
-                        plan.job.flush()
-                    except OSError:
-                        pass
+        except BaseException:  # Ctrl-C, SIGTERM, a crash: keep everything finished, give back the claims
+            with signals_held():  # a second Ctrl-C or SIGTERM waits until that is done
+                self._keep_finished_work()
+                self._shut_down(planner)
             raise
-        finally:
-            self._stop.set()
-            if planner.is_alive():
-                planner.join(timeout=10)
-            self.claims.release_all()
+        self._shut_down(planner)
         if not self.statuses or self._unsaved_rows:
             update_summary(self.out, self._unsaved_rows)  # the last rows; an empty share's summary
         return self.statuses
+
+    def _keep_finished_work(self) -> None:
+        if self._unsaved_rows:  # the slides already written get their rows
+            self._save_summary()
+        for plan in list(self._active):  # and the slides in progress their finished batches
+            if plan.job is not None:
+                try:
+                    plan.job.flush()
+                except OSError:
+                    pass
+
+    def _shut_down(self, planner: threading.Thread) -> None:
+        self._stop.set()
+        if planner.is_alive():
+            planner.join(timeout=10)
+        self.claims.release_all()
 
     def _plan_all(self, specs: List[SlideSpec], plans: "queue.Queue[Any]") -> None:
         try:
