@@ -377,6 +377,19 @@ def test_a_dicom_folder_is_one_slide_and_a_folder_of_them_one_per_subfolder(dico
         tile_slide(one, reader="tiffslide")
 
 
+def test_a_glob_leaves_out_the_files_beside_the_slides_and_says_so(tmp_path, caplog):
+    from h0mini.wsi import find_slides
+
+    for name in ("a.svs", "b.TIF", "manifest.csv", "notes.txt", "b.TIF.md5", "c.vsi"):
+        (tmp_path / name).write_bytes(b"")
+    with caplog.at_level("WARNING", logger="h0mini.wsi.discover"):
+        assert find_slides([f"{tmp_path}/*"]) == [str(tmp_path / "a.svs"), str(tmp_path / "b.TIF")]
+    assert "4 files that are not slides left out (b.TIF.md5, c.vsi, manifest.csv and 1 more)" in caplog.text
+    assert find_slides([f"{tmp_path}/*.vsi"]) == [str(tmp_path / "c.vsi")]  # a named suffix is taken at its word
+    with pytest.raises(SlideError, match=r"matches no slide files .*; it matched manifest.csv, notes.txt"):
+        find_slides([f"{tmp_path}/[mn]*"])
+
+
 def test_embed_slides_over_a_dicom_cohort_writes_one_output_per_slide(dicom_cohort, tmp_path, model):
     statuses = h0mini.embed_slides([dicom_cohort], model, output_dir=tmp_path / "out", tissue=None, num_workers=0,
                                    qc=False)

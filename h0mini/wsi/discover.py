@@ -10,6 +10,7 @@ is one slide, a folder of such folders (the usual DICOM export) is one slide per
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from pathlib import Path
 from typing import List, Sequence, Union
@@ -18,6 +19,8 @@ from ..errors import SlideError
 from ..tiles import GLOB_CHARS, SLIDE_SUFFIXES
 
 DICOM_SUFFIX = ".dcm"
+
+logger = logging.getLogger(__name__)
 
 
 def is_dicom_folder(path: Union[str, os.PathLike]) -> bool:
@@ -37,8 +40,8 @@ def slide_path(path: Union[str, os.PathLike]) -> str:
 
 
 def find_slides(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
-    """Slides from files, folders (their slide files and DICOM subfolders, not deeper) and globs, sorted,
-    each once."""
+    """Slides from files, folders (their slide files and DICOM subfolders, not deeper) and globs (see
+    ``_glob_slides``), sorted, each once."""
     found: List[str] = []
     for spec in inputs:
         text = os.fspath(spec)
@@ -52,14 +55,39 @@ def find_slides(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
         elif path.is_file():
             found.append(str(path))
         elif any(c in text for c in GLOB_CHARS):
-            matches = glob.glob(os.path.expanduser(text), recursive=True)
-            files = sorted(m for m in matches if os.path.isfile(m) or is_dicom_folder(m))
-            if not files:
-                raise SlideError("the pattern matches no files", slide=text)
-            found.extend(files)
+            found.extend(_glob_slides(text))
         else:
             raise SlideError("no such file, folder or pattern", slide=text)
     return sorted(dict.fromkeys(slide_path(f) for f in found))
+
+
+def _glob_slides(pattern: str) -> List[str]:
+    """The slides a pattern matches: slide files, DICOM folders, and files of the suffix the pattern names.
+
+    ``slides/*`` also matches the notes, manifests and checksums kept beside the slides; those are
+    left out (and counted in a warning) rather than failed one by one. A pattern that names its
+    suffix (``*.vsi``) is taken at its word.
+    """
+    matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    named = os.path.splitext(pattern)[1].lower()
+    named = named if named and not any(c in named for c in GLOB_CHARS) else None
+    files = [m for m in matches if os.path.isfile(m)]
+    slides = [m for m in files if os.path.splitext(m)[1].lower() in SLIDE_SUFFIXES or
+              os.path.splitext(m)[1].lower() == named] + [m for m in matches if is_dicom_folder(m)]
+    others = [m for m in files if m not in slides]
+    if not slides:
+        what = f"no slide files ({', '.join(sorted(SLIDE_SUFFIXES))})"
+        raise SlideError(f"the pattern matches {what}" + (f"; it matched {_some(others)}" if others else ""),
+                         slide=pattern)
+    if others:
+        what = "1 file that is not a slide" if len(others) == 1 else f"{len(others)} files that are not slides"
+        logger.warning("%s: %s left out (%s)", pattern, what, _some(others))
+    return sorted(slides)
+
+
+def _some(paths: List[str], shown: int = 3) -> str:
+    names = [os.path.basename(p) for p in paths[:shown]]
+    return ", ".join(names) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
 def _folder_slides(folder: Path) -> List[str]:
