@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import os
 import random
@@ -403,19 +404,38 @@ def test_many_slides_keep_few_handles_and_flat_memory(tmp_path, checkpoint):
     for i in range(40):
         write_slide(slides / f"s{i:02d}.tif", i, size=224)
     model = h0mini.load_model(checkpoint)
-    options = dict(tissue=None, num_workers=0, qc=True, progress=False)
+    options = dict(tissue=None, num_workers=0, qc=True, progress=False, batch_size=4)
 
     def open_files():
         return len(os.listdir("/proc/self/fd"))
 
+    from h0mini.wsi import cohort as cohort_module
+    from h0mini.wsi.grid import SlideTiles
+
+    alive = []  # slides whose tiling is still in memory, counted as each slide ends
+    finish = cohort_module._Cohort._finish_ready
+
+    def counting(self, received, bar):
+        gc.collect()
+        alive.append(sum(1 for o in gc.get_objects() if isinstance(o, SlideTiles)))
+        finish(self, received, bar)
+
     before = open_files()
-    statuses = h0mini.embed_slides(sorted(slides.glob("s0*.tif")) + sorted(slides.glob("s1*.tif")), model,
-                                   output_dir=tmp_path / "a", **options)
-    after_20 = open_files()
-    statuses += h0mini.embed_slides([slides], model, output_dir=tmp_path / "b", **options)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cohort_module._Cohort, "_finish_ready", counting)
+        statuses = h0mini.embed_slides(sorted(slides.glob("s0*.tif")) + sorted(slides.glob("s1*.tif")), model,
+                                       output_dir=tmp_path / "a", **options)
+        after_20 = open_files()
+        statuses += h0mini.embed_slides([slides], model, output_dir=tmp_path / "b", **options)
     after_60 = open_files()
     assert [s.status for s in statuses] == ["done"] * 60
     assert after_60 - before <= 8 and after_60 <= after_20 + 2, (before, after_20, after_60)
+    # Memory: nothing of a finished slide outlives it. Alive at a slide's end: the slides of the batch
+    # in hand (1-tile slides, batches of 4), those planned ahead (LOOKAHEAD) and the one being
+    # planned, plus one of slack for a batch read ahead; the same bound for 20 slides or 40.
+    assert len(alive) >= 15 and max(alive) <= 4 + cohort_module.LOOKAHEAD + 2, alive
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, SlideTiles)], "no tiling outlives its run"
 
 
 def test_quiet_prints_nothing_on_success_and_the_summary_keeps_every_run(tmp_path, checkpoint, capfd):
