@@ -115,6 +115,53 @@ def test_processes_started_together_embed_each_slide_once(cohort, reference, che
     assert len(rows) == 12 and {r["status"] for r in rows.values()} == {"done"}
 
 
+def _can_make_another_machine() -> bool:
+    """Whether ``unshare`` can start a process with its own host name and pid namespace (root on Linux)."""
+    try:
+        probe = subprocess.run(["unshare", "--uts", "--pid", "--fork", "--mount-proc", "hostname", "node-b"],
+                               capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_make_another_machine(), reason="needs unshare --uts --pid (root on Linux)")
+def test_a_second_machine_killed_mid_run_is_taken_over_by_its_heartbeat(cohort, reference, checkpoint, tmp_path):
+    """Another host on the shared folder: its own host name and pids, so only its heartbeat tells it is dead."""
+    from h0mini.atomic import machine_tag
+
+    out = tmp_path / "out"
+    timeout = ["--claim-timeout", "3"]
+    here = subprocess.Popen(command(cohort, out, checkpoint, *timeout), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=environment())
+    node_b = subprocess.Popen(["unshare", "--uts", "--pid", "--fork", "--mount-proc", "sh", "-c",
+                               'hostname node-b && exec "$@"', "sh", *command(cohort, out, checkpoint, *timeout)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment(),
+                              start_new_session=True)
+    def node_b_holds_a_claim() -> bool:
+        return any((_read(p) or Owner("", 0, None, 0)).host == "node-b" for p in (out / ".claims").glob("*.*"))
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not node_b_holds_a_claim():
+        time.sleep(0.01)
+    assert node_b_holds_a_claim(), "node-b never claimed a slide (else this test proves nothing)"
+    os.killpg(node_b.pid, signal.SIGKILL)  # the whole machine: its pid 1 and everything under it
+    node_b.wait()
+    _, err = here.communicate(timeout=300)
+    assert here.returncode == 0, err[-1500:]
+    # Whatever node-b held is either taken over already (heartbeat older than 3 s) or left to the rerun.
+    time.sleep(3.5)
+    rerun = subprocess.run(command(cohort, out, checkpoint, *timeout), capture_output=True, text=True, timeout=300,
+                           env=environment())
+    assert rerun.returncode == 0, rerun.stderr[-1500:]
+    assert_same_outputs(reference, out)
+    assert not list(out.glob("*.parts")) and not list((out / ".claims").iterdir())
+    leftovers = [p for p in out.rglob("*.tmp") if f"-{machine_tag()}-" in p.name]
+    assert not leftovers, "this machine's temporaries are gone; node-b's (if any) wait out their hour"
+    rows = read_summary(out / "summary.csv")
+    assert len(rows) == 12 and {r["status"] for r in rows.values()} == {"done"}
+
+
 @pytest.fixture(scope="module")
 def bigger_cohort(tmp_path_factory, checkpoint):
     """6 slides of 16 tiles, and their uninterrupted single-process outputs."""
