@@ -6,8 +6,11 @@ kaiko-ai/eva#772: a plain ``nn.Linear`` head, one logit with ``BCEWithLogitsLoss
 and cross-entropy otherwise, AdamW at lr 3e-4 with torch's weight decay (0.01) and no schedule,
 batches of 256 drawn from shuffled epochs, 12,500 steps, validation balanced accuracy after every
 epoch with the best head kept, and 5 seeds whose test scores are reported as mean ± std
-(``ddof=0``). ``dataset="bach"`` (or ``"crc"``, ``"breakhis"``) adds that config's early stopping:
-its patience in epochs, that is ``patience * ceil(n_train / 256)`` steps. ``protocol=
+(``ddof=0``). ``dataset="bach"`` (or another of eva's eight patch-level configs) adds that
+config's early stopping: its patience in epochs, that is ``patience * ceil(n_train / 256)`` steps.
+As in Lightning (``training_epoch_loop.py`` ``_should_check_val_fx``, lightning 2.2.0 and 2.5.6),
+a trailing partial epoch cut by ``max_steps`` is not validated: the best head is the best of the
+epoch-end checks. ``protocol=
 "evaluation-protocol-v2"`` is eva's unmerged branch of that name: the ``LinearClassifier`` head
 (non-affine batch norm first), validation every 50 steps, early stopping only for patch_camelyon.
 Without ``dataset`` no early stopping happens. ``QUICK_PROBE`` (2,000 steps, patience 400) is a
@@ -353,7 +356,11 @@ def _train_head(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step % eval_every == 0 or step == max_steps:
+        # Lightning checks at every eval_every-th step only (epoch ends for main; every 50 steps counted
+        # over the whole run for v2, whose configs set check_val_every_n_epoch: null), never because
+        # max_steps was reached: fit stops there without validating (lightning/pytorch/loops/
+        # training_epoch_loop.py _should_check_val_fx and fit_loop.py done, 2.2.0 and 2.5.6).
+        if step % eval_every == 0:
             head.eval()
             score = evaluate("val")
             if score > best_score:
@@ -412,10 +419,10 @@ def linear_probe(
             label, or by ``groups`` when given.
         groups: ``N`` group ids (slide, patient) kept within one split when the split is made here.
         dataset: an eva config name to apply what that config sets on top of the shared protocol
-            (its patience and head; ``h0mini.eval.eva``): ``"bach"``, ``"breakhis"``, ``"crc"``
-            under eva main; also ``"bracs"``, ``"gleason_arvaniti"``, ``"mhist"``,
-            ``"patch_camelyon"``, ``"unitopatho"`` under evaluation-protocol-v2. ``None`` (your
-            own data): the shared protocol, no early stopping.
+            (its patience and head; ``h0mini.eval.eva``): ``"bach"``, ``"bracs"``, ``"breakhis"``,
+            ``"crc"``, ``"gleason_arvaniti"``, ``"mhist"``, ``"patch_camelyon"``, ``"unitopatho"``
+            (under eva main unitopatho's patience is derived from #772's rule, not read; see
+            ``h0mini.eval.eva``). ``None`` (your own data): the shared protocol, no early stopping.
         protocol: ``"main"`` (default; eva's main branch after kaiko-ai/eva#772) or
             ``"evaluation-protocol-v2"`` (eva's unmerged branch, ad61be09).
         seeds: one run per seed (initialisation and batch order). Default: 5 runs, as eva.
@@ -439,7 +446,7 @@ def linear_probe(
 
     Raises:
         EvaluationInputError (a ValueError): mismatched lengths, NaN embeddings, an empty split, an
-            unknown dataset or bad settings.
+            unknown dataset or bad settings (``max_steps`` shorter than one validation interval).
     """
     x_all = _embeddings(embeddings)
     n = len(x_all)
@@ -461,6 +468,13 @@ def linear_probe(
     if eval_every is None:
         eval_every = steps_per_epoch if protocol == MAIN else EVA_EVAL_EVERY
     eval_every = int(eval_every)
+    if int(max_steps) < eval_every:
+        raise EvaluationInputError(
+            f"max_steps ({int(max_steps)}) ends before the first validation check (every {eval_every} steps"
+            + (", once per epoch" if protocol == MAIN and eval_every == steps_per_epoch else "")
+            + "), so no head would ever be selected; pass max_steps >= "
+            f"{eval_every} or a smaller eval_every"
+        )
     patience_steps = task.patience * eval_every if patience == "eva" else patience
     device = resolve_device(device)
     x = {s: torch.from_numpy(x_all[split == s]).to(device) for s in SPLITS}
