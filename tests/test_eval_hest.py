@@ -80,12 +80,26 @@ def _write_task(root: Path, *, n_patches=(40, 55, 47), extra_spots=5, seed=0, di
     return ids, truth, emb_dir
 
 
+def _standardise_fp16(x, mean, std):
+    """StandardScaler on float16 input as scikit-learn 1.9 does it: statistics accumulated in float64,
+    then cast to float16, and the input centred and scaled in float16 (each step rounds to float16);
+    PCA then takes the float16 result as float64."""
+    mean16, std16 = mean.astype(np.float16), std.astype(np.float16)
+    return ((x - mean16) / std16).astype(np.float64)
+
+
 def _reference_fold(x_train, y_train, x_test, y_test, k, seed):
-    """HEST's fold, transcribed independently (see the module docstring)."""
-    mean = x_train.mean(0)
-    std = x_train.std(0)
-    z_train = (x_train - mean) / std
-    z_test = (x_test - mean) / std
+    """HEST's fold, transcribed independently (see the module docstring). The embeddings reach
+    StandardScaler in the dtype their h5 holds (HEST casts nothing before sklearn)."""
+    fp16 = x_train.dtype == np.float16
+    x64 = x_train.astype(np.float64)
+    mean = x64.mean(0)
+    std = x64.std(0)
+    if fp16:
+        z_train, z_test = _standardise_fp16(x_train, mean, std), _standardise_fp16(x_test, mean, std)
+    else:
+        z_train = (x_train - mean) / std
+        z_test = (x_test - mean) / std
     centre = z_train.mean(0)
     _, _, vt = np.linalg.svd(z_train - centre, full_matrices=False)
     # sklearn's sign convention (svd_flip on Vt): the largest |loading| of each component positive.
@@ -156,6 +170,31 @@ def test_scores_match_an_independent_transcription(tmp_path):
         fold = json.loads((out / f"split{i}" / "results.json").read_text())
         assert fold["pearson_mean"] == pytest.approx(fold_means[i], abs=1e-6)
         assert [d["name"] for d in fold["pearson_corrs"]] == GENES
+
+
+@pytest.mark.skipif(
+    tuple(int(p) for p in __import__("sklearn").__version__.split(".")[:2]) < (1, 9),
+    reason="the float16 standardisation is transcribed against scikit-learn 1.9, whose StandardScaler.transform "
+    "casts mean_ and scale_ to the input dtype; a release that subtracts the float64 statistics rounds elsewhere",
+)
+def test_float16_embeddings_reach_the_scaler_as_float16_as_in_hest(tmp_path):
+    """HEST stores what the encoder returns (save_hdf5 keeps the dtype), reads it back as stored and
+    hands it to StandardScaler uncast (benchmark.py, 0512f57a): float16 files are standardised in
+    float16, not cast to float32 first."""
+    ids, truth, emb_dir = _write_task(tmp_path / "T")
+    half = {}
+    for sid in ids:
+        emb, barcodes, coords = hest.read_embeddings(emb_dir / f"{sid}.h5")
+        hest.write_embeddings(emb_dir / f"{sid}.h5", emb.astype(np.float16), barcodes, coords)
+        half[sid] = (emb.astype(np.float16),) + truth[sid][1:]
+    assert hest.read_embeddings(emb_dir / f"{ids[0]}.h5")[0].dtype == np.float16
+    result = hest.hest_benchmark(tmp_path / "T", embeddings=emb_dir, n_components=COMPONENTS)
+    fold_means, _ = _reference_task(ids, half)
+    np.testing.assert_allclose(result["mean_per_split"], fold_means, atol=1e-6, rtol=0)
+    # casting the float16 values to float32 before the scaler would score measurably otherwise
+    cast = {sid: (v[0].astype(np.float32),) + v[1:] for sid, v in half.items()}
+    cast_means, _ = _reference_task(ids, cast)
+    assert np.max(np.abs(np.array(cast_means) - fold_means)) > 1e-5
 
 
 def test_closed_form_ridge_agrees_with_lsqr(tmp_path):

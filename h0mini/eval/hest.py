@@ -9,7 +9,11 @@ The protocol was read from mahmoodlab/HEST ``src/hest/bench/benchmark.py`` and `
   barcodes, in patch order, cast to float64 and ``log1p``-transformed (HEST's ``normalize=True``);
   spots of the ``.h5ad`` without a patch are therefore dropped (h0mini counts them);
 * ``StandardScaler`` then ``PCA(n_components=256, random_state=seed)`` fit on the training fold,
-  applied to both folds, and the result cast to float32 (HEST wraps it in ``torch.Tensor``);
+  applied to both folds, and the result cast to float32 (HEST wraps it in ``torch.Tensor``). The
+  embeddings reach ``StandardScaler`` in the dtype their h5 file holds: HEST's ``save_hdf5`` and
+  ``read_assets_from_h5`` (``utils/file_utils.py`` @ d3a281ba) keep the dtype and ``benchmark.py``
+  casts nothing before sklearn, so h0mini does not either (a float16 file is standardised in
+  float16, as scikit-learn does for float16 input, and PCA then works in float64);
 * ``Ridge(solver="lsqr", alpha=100 / (n_components * n_genes), fit_intercept=False,
   max_iter=1000, random_state=seed)`` fit on the training fold;
 * ``scipy.stats.pearsonr`` per gene between the test fold's targets and predictions (all test
@@ -18,6 +22,16 @@ The protocol was read from mahmoodlab/HEST ``src/hest/bench/benchmark.py`` and `
 The task score is the mean of the fold scores (``pearson_mean``), ``pearson_std`` their
 (population) standard deviation; per gene, the fold correlations with their mean and std, sorted by
 mean, best first: HEST's ``results_kfold.json``. HEST's default seed is 1.
+
+Precision. The leaderboard embeds H0-mini with HEST's ``H0MiniInferenceEncoder``
+(``cpath_model_zoo/inference_models.py`` @ 568df6ce): ``precision = torch.float16``, which
+``embed_tiles`` uses as ``torch.cuda.amp.autocast(dtype=...)`` around the forward pass, and the CLS
+token ``output[:, 0]`` of timm's ViT. Under CUDA autocast the ViT's final ``layer_norm`` runs in
+float32 (PyTorch's autocast op reference lists it among the ops that autocast to float32), so the
+CLS token leaves the model, and is stored, as float32 computed from an fp16 forward pass.
+``h0mini.embed_tiles`` with ``precision="auto"`` on CUDA does the same (fp16 autocast, tokens taken
+as float32), so embeddings made here are float32 like HEST's, and the cast in ``embed_patches`` is
+a no-op for them.
 
 Two options are *not* the leaderboard protocol and are labelled so in the results
 (``"protocol"``): ``alpha="cv"`` (alpha chosen by an inner 5-fold CV on the training fold, as in
@@ -188,6 +202,8 @@ def embed_patches(patches_path: PathLike, model: Any, *, embedding: str = "cls",
         barcodes = _decode(f[key][:])
         coords = np.asarray(f["coords"][:]) if "coords" in f else np.zeros((len(barcodes), 2))
     embeddings = embed_tiles(images, model, embedding=embedding, **embed_kwargs)
+    # float32, as HEST's H0-mini encoder returns under fp16 autocast (its last op, layer_norm, runs in
+    # float32); embed_tiles already returns float32 unless told otherwise (return_dtype).
     return np.asarray(embeddings, dtype=np.float32), barcodes, coords
 
 
