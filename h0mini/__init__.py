@@ -39,7 +39,7 @@ from .version import __version__
 # Public names that import torch, and the module of each.
 _HEAVY = {
     "SkippedTile": "embed", "SkippedTilesWarning": "embed", "TileEmbedder": "embed", "embed_tiles": "embed",
-    "WeightsInfo": "model", "load_model": "model",
+    "WeightsInfo": "model", "load_model": "model", "weights_fingerprint": "model",
     "SlideEmbeddings": "wsi", "SlideTiles": "wsi", "embed_slide": "wsi", "embed_slides": "wsi", "tile_slide": "wsi",
 }
 
@@ -58,7 +58,7 @@ if _interrupt.started_as_command():
 else:
     from . import registry as _registry  # noqa: F401  (registers the timm entrypoints)
     from .embed import SkippedTile, SkippedTilesWarning, TileEmbedder, embed_tiles
-    from .model import WeightsInfo, load_model
+    from .model import WeightsInfo, load_model, weights_fingerprint
     from .wsi import SlideEmbeddings, SlideTiles, embed_slide, embed_slides, tile_slide
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -76,6 +76,7 @@ __all__ = [
     "SkippedTile",
     "SkippedTilesWarning",
     "WeightsInfo",
+    "weights_fingerprint",
     "H0miniError",
     "GatedModelError",
     "ModelNotFoundError",

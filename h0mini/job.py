@@ -12,7 +12,6 @@ never holds fewer rows than its tiles, whoever else writes to the folder.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -27,11 +26,12 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .atomic import atomic_path, remove_stale_temp
 from .embed import TileEmbedder, make_progress
 from .errors import InvalidArgumentError, InvalidTileError, MissingRowsError, SettingsMismatchError, shown
+from .model import weights_fingerprint
 from .tiles import LazyTile, TileInput, TileRef, expand_path
 from .version import __version__
-from .atomic import atomic_path, remove_stale_temp
 from .writers import (Embeddings, RowBlocks, check_format, check_writable, raise_if_disk_full, read_embeddings,
                       read_provenance, write_embeddings)
 
@@ -215,22 +215,7 @@ def job_settings(embedder: TileEmbedder) -> Dict[str, Any]:
 
 def _in_memory_weights(model: Any) -> Dict[str, Any]:
     """A model not loaded by ``load_model`` (fine-tuned, ``timm.create_model``): named by its weights."""
-    return {"weights": "in-memory model", "arch": type(model).__name__, "weights_sha256": state_digest(model)}
-
-
-def state_digest(model: Any) -> str:
-    """sha256 over a module's state (names, dtypes, shapes and bytes of every tensor), in order."""
-    import torch
-
-    digest = hashlib.sha256()
-    state = model.state_dict() if hasattr(model, "state_dict") else {}
-    for name, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return "state:" + digest.hexdigest()
+    return {"weights": "in-memory model", "arch": type(model).__name__, "weights_sha256": weights_fingerprint(model)}
 
 
 class OutputJob:

@@ -61,6 +61,24 @@ class WeightsInfo:
         return info
 
 
+def weights_fingerprint(model: Any) -> str:
+    """What names a model's numbers, for caches and resume keys: the sha256 of the weights file
+    ``load_model`` read, else (a fine-tuned or ``timm.create_model`` model) ``"state:"`` and a sha256
+    over its state: every tensor's name, dtype, shape and bytes, in order."""
+    info = getattr(model, "h0mini_weights", None)
+    if isinstance(info, WeightsInfo):
+        return info.sha256
+    digest = hashlib.sha256()
+    state = model.state_dict() if hasattr(model, "state_dict") else {}
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "state:" + digest.hexdigest()
+
+
 def file_sha256(path: PathLike, chunk_size: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -247,6 +247,20 @@ def test_embeds_with_h0mini_caches_and_resumes(tmp_path, monkeypatch):
         hest.hest_benchmark(tmp_path / "T", model, n_components=4, output_dir=out, input_size=28)
 
 
+def test_weights_named_by_a_path_are_cached_by_their_content_not_their_name(tmp_path):
+    from tests.helpers import write_checkpoint
+
+    _write_task(tmp_path / "T", n_patches=(12, 14, 13), extra_spots=2, images=True)
+    weights, out = tmp_path / "weights", tmp_path / "out"
+    write_checkpoint(weights, seed=0)
+    options = dict(n_components=4, output_dir=out, batch_size=8, device="cpu", input_size=28)
+    first = hest.hest_benchmark(tmp_path / "T", weights, **options)
+    assert hest.hest_benchmark(tmp_path / "T", weights, **options) == first  # from the cache
+    write_checkpoint(weights, seed=1)  # the same folder, retrained: the cache is not its embeddings
+    with pytest.raises(EvaluationInputError, match="were made with"):
+        hest.hest_benchmark(tmp_path / "T", weights, **options)
+
+
 def test_missing_barcode_and_gene_are_named(tmp_path):
     ids, truth, emb_dir = _write_task(tmp_path / "T")
     emb, barcodes, coords = hest.read_embeddings(emb_dir / "S1.h5")

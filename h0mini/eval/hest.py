@@ -163,14 +163,12 @@ def write_embeddings(path: PathLike, embeddings: np.ndarray, barcodes: Sequence[
 def _made_with(model: Any, embedding: str, embed_kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """What changes a sample's cached embeddings: the model (its name, or a digest of its weights), the
     embedding, and the options of ``embed_tiles`` that change the numbers."""
-    if model is None or isinstance(model, (str, os.PathLike)):
-        weights = "default" if model is None else os.fspath(model)
-    elif not hasattr(model, "state_dict"):  # an exported model (OnnxModel): named by its file
+    if not hasattr(model, "state_dict"):  # an exported model (OnnxModel): named by its file
         weights = f"{type(model).__name__}:{os.fspath(getattr(model, 'model_path', '') or '')}"
     else:
-        from ..job import state_digest
+        from ..model import weights_fingerprint
 
-        weights = state_digest(model)
+        weights = weights_fingerprint(model)
     made = {"model": weights, "embedding": embedding, "precision": str(embed_kwargs.get("precision") or "auto")}
     for key in ("input_size", "revision"):
         if embed_kwargs.get(key) is not None:
@@ -423,10 +421,23 @@ def hest_benchmark(
         cache_dir = Path(output_dir) / "embeddings"
     loaded: Dict[str, _Sample] = {}
     identity: List[Dict[str, Any]] = []
+    embed_kwargs = dict(embed_kwargs)
+    models: List[Any] = []
 
-    def made_with() -> Dict[str, Any]:  # computed once, when a cache is first read or written
+    def embedder() -> Any:  # loaded once, when a sample is first embedded or a cache first checked
+        if not models:
+            if model is None or isinstance(model, (str, os.PathLike)):
+                from ..model import load_model
+
+                loading = {k: embed_kwargs.pop(k) for k in ("revision", "token", "cache_dir") if k in embed_kwargs}
+                models.append(load_model(model, **loading))
+            else:
+                models.append(model)
+        return models[0]
+
+    def made_with() -> Dict[str, Any]:  # the weights' content, not their name: a replaced checkpoint re-embeds
         if not identity:
-            identity.append(_made_with(model, embedding, embed_kwargs))
+            identity.append(_made_with(embedder(), embedding, embed_kwargs))
         return identity[0]
 
     def sample(row: Dict[str, str]) -> _Sample:
@@ -451,7 +462,7 @@ def hest_benchmark(
                 patches = task_dir / row["patches_path"]
                 if not patches.is_file():
                     raise EvaluationInputError(f"sample {sid}: patch file {patches} not found")
-                emb, barcodes, coords = embed_patches(patches, model, embedding=embedding, **embed_kwargs)
+                emb, barcodes, coords = embed_patches(patches, embedder(), embedding=embedding, **embed_kwargs)
                 if cached is not None:
                     write_embeddings(cached, emb, barcodes, coords, made_with())
         expression, unmatched = read_expression(task_dir / row["expr_path"], barcodes, genes, sample_id=sid)
