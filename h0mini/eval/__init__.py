@@ -18,7 +18,7 @@ imported only by the functions that need them.
 
 from __future__ import annotations
 
-from .eva import EVA_TASKS, EVA_V2_TASKS, EvaTask, eva_task
+from .eva import EVA_TASKS, EVA_TRAIN_SIZES, EVA_V2_TASKS, EvaTask, eva_main_patience, eva_task
 from .hest import HEST_TASKS, HestWarning, hest_benchmark
 from .perturb import PERTURBATIONS, Perturbation, perturb
 from .plism import (
@@ -59,6 +59,7 @@ from .report import RobustnessReport, load_tiles, robustness_report
 
 __all__ = [
     "EVA_TASKS",
+    "EVA_TRAIN_SIZES",
     "EVA_V2_TASKS",
     "EvaTask",
     "GROUPS",
@@ -80,6 +81,7 @@ __all__ = [
     "cosine_similarity",
     "evaluate_slides",
     "eva_task",
+    "eva_main_patience",
     "de_jong_ratio",
     "find_feature_files",
     "hest_benchmark",
