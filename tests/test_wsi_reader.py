@@ -308,10 +308,46 @@ def test_an_ome_pyramid_is_read_by_levels_with_its_ome_mpp(tmp_path):
     assert ome_mpp("<OME><Image><Pixels/></Image></OME>") is None and ome_mpp("Aperio Image Library") is None
 
 
+def test_tifffile_notes_are_kept_per_thread_whatever_other_threads_do(caplog):
+    """The planner thread probes slides while the main thread opens others: neither may unsilence the other."""
+    import logging
+    import threading
+
+    from h0mini.wsi.tiff_log import tifffile_notes
+
+    log = logging.getLogger("tifffile")
+    inside, leave = threading.Event(), threading.Event()
+    theirs = []
+
+    def other_thread():
+        with tifffile_notes() as notes:
+            inside.set()
+            leave.wait(10)
+            log.warning("their slide is damaged")
+        theirs.extend(notes)
+
+    with caplog.at_level(logging.WARNING):
+        with tifffile_notes() as mine:
+            thread = threading.Thread(target=other_thread)
+            thread.start()
+            inside.wait(10)
+            leave.set()
+            thread.join()  # the other block ended while this one is open
+            log.warning("invalid offset to first page")
+        log.warning("outside any block")
+    assert mine == ["invalid offset to first page"] and theirs == ["their slide is damaged"]
+    assert [r.getMessage() for r in caplog.records if r.name == "tifffile"] == ["outside any block"]
+
+
 # -- 5. truncated files ----------------------------------------------------------------------------------
 
 
 def test_a_truncated_slide_is_one_line_that_says_truncated(tmp_path, capsys, caplog):
+    import logging
+
+    # As after any earlier tifffile warning in the process: the logger has cached WARNING as enabled
+    # (setting Logger.level directly, as an earlier version did, then silenced nothing).
+    assert logging.getLogger("tifffile").isEnabledFor(logging.WARNING)
     data = SLIDE.read_bytes()
     cut = tmp_path / "cut.svs"
     cut.write_bytes(data[: len(data) // 2])

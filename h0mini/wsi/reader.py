@@ -12,7 +12,6 @@ from a magnification.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
 import threading
@@ -26,6 +25,7 @@ from PIL import Image
 
 from ..errors import OptionalDependencyError, SlideError
 from ..tiles import to_rgb
+from .tiff_log import tifffile_notes
 
 READERS = ("auto", "openslide", "tiffslide")
 _INCH_CM = {"inch": 25400.0, "centimeter": 10000.0, "cm": 10000.0, "millimeter": 1000.0}
@@ -452,7 +452,7 @@ def _open_slide(slide: Any, reader: str) -> Slide:
     if reader == "auto" and len(readers) > 1 and _is_ome(path):
         readers = sorted(readers, key=lambda r: r[0] != "tiffslide")  # tiffslide reads OME's SubIFD levels
     failures = []
-    with _TiffNotes() as notes:  # tifffile logs what it finds wrong: it goes into the error, not the log
+    with tifffile_notes() as notes:  # tifffile logs what it finds wrong: it goes into the error, not the log
         for name, opener in readers:
             try:
                 return _checked(Slide(opener(path), path, name, reopen=functools.partial(opener, path)))
@@ -460,7 +460,7 @@ def _open_slide(slide: Any, reader: str) -> Slide:
                 raise
             except Exception as error:  # each library has its own "unsupported format" exceptions
                 failures.append(f"{name}: {' '.join(str(error).split()) or type(error).__name__}")
-    found = "; ".join(failures + [f"tifffile: {note}" for note in dict.fromkeys(notes.messages)])
+    found = "; ".join(failures + [f"tifffile: {note}" for note in dict.fromkeys(notes)])
     if _looks_truncated(found):
         raise SlideError(f"the file looks truncated or corrupt ({os.path.getsize(path)} bytes; {found}): copy it "
                          "again from its source", slide=path)
@@ -477,28 +477,6 @@ _TRUNCATION_WORDS = ("invalid offset", "invalid page offset", "out of range", "g
 def _looks_truncated(text: str) -> bool:
     text = text.lower()
     return any(word in text for word in _TRUNCATION_WORDS)
-
-
-class _TiffNotes(logging.Handler):
-    """Collects tifffile's log records while a slide is opened, and keeps them out of the log."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: List[str] = []
-        self._logger = logging.getLogger("tifffile")
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(" ".join(record.getMessage().split()))
-
-    def __enter__(self) -> "_TiffNotes":
-        self._propagate = self._logger.propagate
-        self._logger.addHandler(self)
-        self._logger.propagate = False
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._logger.removeHandler(self)
-        self._logger.propagate = self._propagate
 
 
 def _open_dicom_folder(path: str, reader: str) -> Slide:
@@ -608,17 +586,11 @@ def _is_ome(path: str) -> bool:
         import tifffile
     except ImportError:
         return False
-    import logging
-
-    log = logging.getLogger("tifffile")
-    level, log.level = log.level, logging.CRITICAL  # a damaged file is the readers' to report
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile_notes(), tifffile.TiffFile(path) as tif:  # a damaged file is the readers' to report
             return bool(tif.is_ome)
     except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: the readers say what it is
         return False
-    finally:
-        log.level = level
 
 
 def _positive_float(value: Any) -> Optional[float]:

@@ -21,7 +21,6 @@ Memory: at most ``CACHE_BYTES`` (``H0MINI_TILE_CACHE_MB``, default 64 MiB) of de
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections import OrderedDict
@@ -31,6 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..errors import SlideError
+from .tiff_log import tifffile_notes
 
 CACHE_BYTES = int(float(os.environ.get("H0MINI_TILE_CACHE_MB", "64")) * 2**20)
 MAX_SLIDES = 8
@@ -102,16 +102,12 @@ class StoredSlide:
         except ImportError:
             return None
         stat = os.stat(path)
-        log = logging.getLogger("tifffile")
-        level, log.level = log.level, logging.CRITICAL  # a damaged file is OpenSlide's to report, in one line
         try:
-            with tifffile.TiffFile(path) as tif:
+            with tifffile_notes(), tifffile.TiffFile(path) as tif:  # a damaged file is OpenSlide's to report
                 pages = [page for page in tif.pages if getattr(page, "is_tiled", False)]
                 levels = [_stored_level(pages, dims, ds) for dims, ds in zip(level_dimensions, level_downsamples)]
         except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: OpenSlide reads it
             return None
-        finally:
-            log.level = level
         if not any(levels):
             return None
         return cls(path, (stat.st_size, stat.st_mtime_ns), levels)
