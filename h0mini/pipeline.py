@@ -9,6 +9,7 @@ Nothing here knows the model or its backend.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -47,7 +48,8 @@ def prepared_batches(source: Any, prepare: "_Prepare", *, batch_size: int, worke
             persistent_workers=False,
             worker_init_fn=_single_threaded_worker,
         )
-        yield from loader
+        with _cores_shared_with_workers(workers, model_on_cpu=not pin):
+            yield from loader
     else:
         yield from prefetch(_batched_in_thread(source.items, prepare, batch_size, pin), depth=2)
 
@@ -62,7 +64,7 @@ def worker_count(source: Any, num_workers: Any, *, batch_size: int, device: torc
         return 0  # in-memory tiles: a thread prepares them without copying them to another process
     if source.length is not None and source.length < 4 * batch_size:
         return 0  # starting processes costs more than decoding a few tiles in a thread
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = available_cores()
     # On a CPU the model already uses every core: a worker process only oversubscribes them (2 cores:
     # 5-7x slower with one worker than with the decoding thread, benchmarks/cohort.py).
     return min(8, max(1, cpus - 1)) if device.type == "cuda" else 0
@@ -129,6 +131,36 @@ class _KeyedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: Tuple[int, Any]) -> Tuple[int, Any, Optional[str], str, Optional[str]]:
         return self.prepare(*key)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _cores_shared_with_workers(workers: int, *, model_on_cpu: bool) -> Iterator[None]:
+    """While ``workers`` processes prepare tiles, a model on the CPU runs on the cores they leave free.
+
+    torch's intra-op pool otherwise keeps a thread per core, and the workers' decoding takes those
+    cores: every operator then waits at its barrier for a thread that is not running (on 2 shared
+    cores with 1-2 workers, ``h0mini_test`` slide -> features ran 2-3.5x slower with 2 model threads
+    than with 1, for OpenSlide and stored-tile reading alike: benchmarks/slide_read.py). The
+    thread count goes back to what it was when the batches stop. A model on a GPU is left alone:
+    its work is not on these cores. The embeddings do not depend on the thread count (equal bit for
+    bit at 1 and 2 threads for h0mini_test and H0-mini on this machine's oneDNN kernels; tests check
+    the pipeline's against the model card's within the tests' usual tolerance).
+    """
+    before = torch.get_num_threads()
+    share = max(1, available_cores() - workers)
+    if model_on_cpu and workers > 0 and before > share:
+        torch.set_num_threads(share)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+    else:
+        yield
 
 
 def _single_threaded_worker(worker_id: int) -> None:

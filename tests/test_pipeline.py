@@ -1,0 +1,96 @@
+"""The tile pipeline's consumer side: the batch normalisation and the cores a CPU model leaves to workers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import h0mini
+from h0mini import pipeline
+from h0mini.pipeline import _Prepare, prepared_batches
+from h0mini.preprocess import Preprocessing
+from h0mini.tiles import read_input
+
+
+@pytest.fixture(scope="module")
+def preprocessing() -> Preprocessing:
+    return Preprocessing.from_model(timm.create_model("h0mini_test"))
+
+
+def reference_normalize(preprocessing: Preprocessing, batch: torch.Tensor) -> torch.Tensor:
+    """ToTensor + Normalize as torchvision writes them, one batch-sized result per operation."""
+    x = batch.float() / 255 if batch.dtype == torch.uint8 else batch.float()
+    mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(preprocessing.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32])
+def test_normalize_gives_torchvisions_values_and_leaves_the_batch_alone(preprocessing, dtype):
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 256, (3, 3, 28, 28), dtype=torch.uint8, generator=generator)
+    if dtype != torch.uint8:
+        batch = (batch.float() / 255).to(dtype)
+    kept = batch.clone()
+    got = preprocessing.normalize(batch)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, reference_normalize(preprocessing, batch))  # bit for bit
+    assert torch.equal(batch, kept)
+    assert got.data_ptr() != batch.data_ptr()
+
+
+def tile_files(folder, count: int = 6):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        path = folder / f"t{i}.png"
+        Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_a_cpu_model_runs_on_the_cores_the_workers_leave_and_gets_its_threads_back(tmp_path, preprocessing, monkeypatch):
+    monkeypatch.setattr(pipeline, "available_cores", lambda: 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        seen = []
+        for _ in prepared_batches(read_input(tile_files(tmp_path)), _Prepare(preprocessing), batch_size=2, workers=1, pin=False):
+            seen.append(torch.get_num_threads())
+        assert seen == [3, 3, 3]
+        assert torch.get_num_threads() == 4
+        monkeypatch.setattr(pipeline, "available_cores", lambda: 3)
+        batches = prepared_batches(read_input(tile_files(tmp_path)), _Prepare(preprocessing), batch_size=2, workers=2, pin=False)
+        next(batches)
+        assert torch.get_num_threads() == 1
+        batches.close()  # stopped early: the threads come back too
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_are_left_alone_without_workers_or_for_a_gpu_model(monkeypatch):
+    monkeypatch.setattr(pipeline, "available_cores", lambda: 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with pipeline._cores_shared_with_workers(2, model_on_cpu=False):
+            assert torch.get_num_threads() == 4
+        with pipeline._cores_shared_with_workers(0, model_on_cpu=True):
+            assert torch.get_num_threads() == 4
+        torch.set_num_threads(2)  # already at most the cores left: unchanged
+        with pipeline._cores_shared_with_workers(2, model_on_cpu=True):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_embeddings_with_workers_equal_those_without(tmp_path):
+    paths = tile_files(tmp_path)
+    model = timm.create_model("h0mini_test")
+    alone = h0mini.embed_tiles(paths, model, num_workers=0, batch_size=4, progress=False)
+    shared = h0mini.embed_tiles(paths, model, num_workers=2, batch_size=4, progress=False)
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(alone), rtol=0, atol=1e-6)
