@@ -114,25 +114,62 @@ def embed(tiles, model, workers, args, stored, gpu_decode=False):
     return len(tiles) / (time.perf_counter() - start), np.asarray(features, np.float32)
 
 
+def model_threads(workers: int, args) -> int:
+    """The model's thread count in the pipeline with ``workers`` (h0mini.pipeline shares the cores on a CPU)."""
+    import torch
+
+    from h0mini.pipeline import available_cores
+
+    if args.device.startswith("cuda") or workers == 0:
+        return torch.get_num_threads()
+    return min(torch.get_num_threads(), max(1, available_cores() - workers))
+
+
+def consumer_alone(pixels, model, threads, args) -> float:
+    """The main process's side of slide -> features by itself: the same tiles already read (uint8 in memory),
+    batched, normalised, embedded and copied out by ``embed_tiles`` at the model's thread count in the
+    pipeline. No reading: the ceiling of any reader at this thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        start = time.perf_counter()
+        h0mini.embed_tiles(pixels, model, num_workers=0, batch_size=args.batch_size, device=args.device,
+                           precision=args.precision, progress=False, embedding="cls")
+        return len(pixels) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+
+
+CONSUMER = "consumer alone (tiles pre-read, no reader)"
+
+
 def pipeline_rows(name, tiles, model, args):
     modes = [("openslide read_region", False, False), ("stored tiles", True, False)]
     if args.gpu_decode:
         modes.append(("stored tiles, GPU decode", True, True))
-    best, features, rows = {}, {}, []
+    use_stored(True)
+    pixels = np.stack([np.asarray(r.load()) for r in tiles.regions()])  # for the consumer-alone line
+    best, features, rows, loads = {}, {}, [], {}
     for workers in args.workers:
         for _ in range(args.rounds):
             for label, stored, gpu in modes:  # interleaved: drift on the shared machine hits all alike
                 rate, feats = embed(tiles, model, workers, args, stored, gpu)
                 best[(workers, label)] = max(best.get((workers, label), 0.0), rate)
                 features[label] = feats
+            rate = consumer_alone(pixels, model, model_threads(workers, args), args)
+            best[(workers, CONSUMER)] = max(best.get((workers, CONSUMER), 0.0), rate)
+            loads.setdefault(workers, []).append(os.getloadavg()[0])
     baseline = features["openslide read_region"]
     for workers in args.workers:
         base_rate = best[(workers, "openslide read_region")]
-        for label, *_ in modes:
+        for label in [m[0] for m in modes] + [CONSUMER]:
             rate = best[(workers, label)]
-            row = {"slide": name, "workers": workers, "reader": label, "tiles/s": round(rate, 1),
-                   "x baseline": round(rate / base_rate, 2),
-                   "min cos vs baseline": round(float(cosine(features[label], baseline).min()), 6)}
+            row = {"slide": name, "workers": workers, "model threads": model_threads(workers, args), "reader": label,
+                   "tiles/s": round(rate, 1), "x baseline": round(rate / base_rate, 2),
+                   "min cos vs baseline": round(float(cosine(features[label], baseline).min()), 6) if label in features else "-",
+                   "load avg (rounds)": " ".join(f"{v:.1f}" for v in loads[workers])}
             if args.device.startswith("cuda"):
                 row["MFU"] = round(rate * FLOPS_PER_TILE / args.peak_flops, 3)
                 row["slides/h (15k tiles)"] = round(rate * 3600 / 15_000, 1)
@@ -140,8 +177,9 @@ def pipeline_rows(name, tiles, model, args):
     return rows
 
 
-def model_alone(model, args) -> float:
-    """The model's forward on random input at the same batch size: the pipeline's ceiling."""
+def model_alone(model, args, threads=None) -> float:
+    """The model's forward on random input at the same batch size (and, on a CPU, the thread count the
+    pipeline gives it next to its workers): the ceiling of the pipeline, reading and batching aside."""
     import torch
 
     from h0mini.runtime import resolve_device
@@ -150,14 +188,20 @@ def model_alone(model, args) -> float:
     net = model.to(device).eval()
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.precision)
     x = torch.randn(args.batch_size, 3, 224, 224, device=device)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     best = float("inf")
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for _ in range(4):
-            start = time.perf_counter()
-            net(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            for _ in range(4):
+                start = time.perf_counter()
+                net.forward_features(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
     return args.batch_size / best
 
 
@@ -289,14 +333,17 @@ def main(argv=None) -> list:
         print(f"40x pyramid: {tiles40!r}\nCC0 SVS: {cc0!r}")
         if args.model == "h0_mini":
             model = model_for(smoke=False)
-        ceiling = model_alone(model, args)
+        threads = sorted({model_threads(w, args) for w in args.workers})
+        ceiling = {t: model_alone(model, args, t) for t in threads}
         rows = pipeline_rows("40x pyramid", tiles40, model, args)
         if not args.skip_cc0:
             rows += pipeline_rows("CC0 SVS (own level)", cc0, model, args)
-        ceiling = max(ceiling, model_alone(model, args))
-        print_table(f"slide -> features ({args.model}; best of interleaved rounds)", rows)
-        print(f"{args.model} forward alone (random input, batch {args.batch_size}, main process): {ceiling:.1f} tiles/s, "
-              "the ceiling of every row above")
+        ceiling = {t: max(rate, model_alone(model, args, t)) for t, rate in ceiling.items()}
+        print_table(f"slide -> features ({args.model}; best of interleaved rounds; the consumer-alone row is the "
+                    "same pipeline over the tiles already read)", rows)
+        for t, rate in ceiling.items():
+            print(f"{args.model} forward_features alone (random input, batch {args.batch_size}, {t} thread(s)): "
+                  f"{rate:.1f} tiles/s")
         slides = [("40x pyramid", tiles40)] + ([] if args.skip_cc0 else [("CC0 SVS (own level)", cc0)])
         pixels = [{"slide": name, **pixels_identical(tiles)} for name, tiles in slides]
         if args.gpu_decode:
