@@ -276,6 +276,24 @@ def test_a_rewritten_slide_is_read_again_not_from_the_cache(tmp_path, pixels):
     assert not np.array_equal(first, second)
 
 
+def test_box_halve_equals_pil_box_bit_for_bit():
+    pil_box = lambda image: np.asarray(Image.fromarray(image).resize(  # noqa: E731
+        (image.shape[1] // 2, image.shape[0] // 2), Image.Resampling.BOX))
+    a, b = (v.astype(np.uint8) for v in np.divmod(np.arange(65536), 256))
+    every_pair = np.stack([a, b], axis=1).repeat(3, axis=1).reshape(1, 131072, 3)  # every (a, b) side by side
+    np.testing.assert_array_equal(stored_tiles.box_halve(np.repeat(every_pair, 2, axis=0)),
+                                  pil_box(np.repeat(every_pair, 2, axis=0)))
+    every_column_pair = every_pair.reshape(131072, 1, 3)  # every (a, b) one above the other
+    np.testing.assert_array_equal(stored_tiles.box_halve(np.repeat(every_column_pair, 2, axis=1)),
+                                  pil_box(np.repeat(every_column_pair, 2, axis=1)))
+    rng = np.random.default_rng(0)
+    for shape in [(448, 448, 3), (2, 2, 3), (64, 6, 3), (10, 512, 3)]:
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        np.testing.assert_array_equal(stored_tiles.box_halve(image), pil_box(image))
+    region = he_pixels(448, 448)[:, ::-1]  # a real tile, not contiguous
+    np.testing.assert_array_equal(stored_tiles.box_halve(region), pil_box(np.ascontiguousarray(region)))
+
+
 # -- decoding on the model's device (nvJPEG on CUDA; torchvision/torchcodec's CPU decoder here) ---------
 
 

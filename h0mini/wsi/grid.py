@@ -150,6 +150,8 @@ class SlideRegion(LazyTile):
         pixels = _read_stored(self, slide)
         if pixels is not None and pixels.shape[0] == self.tile_size:
             return Image.fromarray(pixels)  # as is, or decoded at 1/k (DCT scaling, opt-in)
+        if pixels is not None and pixels.shape[0] == 2 * self.tile_size:  # a 40x slide at 0.5 µm/px
+            return Image.fromarray(stored_tiles.box_halve(pixels))  # = resize(BOX) below, bit for bit
         image = Image.fromarray(pixels) if pixels is not None else slide.read(
             self.level, self.coords, (self.read_size, self.read_size))
         if self.read_size > self.tile_size:  # area filter: every source pixel counts, no aliasing
