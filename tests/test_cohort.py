@@ -813,3 +813,33 @@ def test_a_second_sigterm_during_the_clean_up_loses_no_batch_and_leaves_no_claim
     saved = sum(len(np.load(p)["tile_names"]) for p in (out / "slide01.h5.parts").glob("part-*.npz"))
     assert saved == sum(routed) - 4 == 2, "the rows held in memory were saved despite the second signal"
     assert not list((out / ".claims").iterdir()), "every claim was given back despite the third"
+
+
+def test_a_clean_up_that_fails_still_gives_back_the_claims_and_stops_the_threads(cohort, checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    from h0mini.job import OutputJob
+    from h0mini.wsi import cohort as cohort_module
+
+    route = cohort_module._Cohort._route
+    routed = []
+
+    def route_then_crash(self, batch):
+        route(self, batch)
+        routed.append(1)
+        if len(routed) == 6:
+            raise RuntimeError("the crash")
+
+    def flush_fails(self):
+        raise ValueError("saving failed too")  # not an OSError: not caught by the clean-up itself
+
+    monkeypatch.setattr(cohort_module._Cohort, "_route", route_then_crash)
+    monkeypatch.setattr(OutputJob, "flush", flush_fails)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="saving failed too"):
+        h0mini.embed_slides(sorted(cohort.glob("*.tif"))[:5], h0mini.load_model(checkpoint), output_dir=out,
+                            tissue=None, num_workers=0, batch_size=1, qc=False, progress=False)
+    assert not list((out / ".claims").iterdir()), "every claim was given back"
+    deadline = time.time() + 15
+    while time.time() < deadline and any(t.name in ("h0mini-claims", "h0mini-planner") for t in threading.enumerate()):
+        time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t.name in ("h0mini-claims", "h0mini-planner")]

@@ -298,8 +298,10 @@ class _Cohort:
                     raise self._planner_error
         except BaseException:  # Ctrl-C, SIGTERM, a crash: keep everything finished, give back the claims
             with signals_held():  # a second Ctrl-C or SIGTERM waits until that is done
-                self._keep_finished_work()
-                self._shut_down(planner)
+                try:
+                    self._keep_finished_work()
+                finally:  # even when saving fails: stop the planner and the heartbeat, give back the claims
+                    self._shut_down(planner)
             raise
         self._shut_down(planner)
         if not self.statuses or self._unsaved_rows:
