@@ -106,7 +106,10 @@ def remove_stale_temp(path: Path, *, foreign_timeout: float = FOREIGN_TEMP_TIMEO
     removed: List[Path] = []
     now: Optional[float] = None
     for candidate in candidates:
-        words = candidate.name[len(prefix):-len(".tmp")].split("-")
+        middle = candidate.name[len(prefix):-len(".tmp")]
+        if "." in middle:  # another file's: ".x.npy.json.PID-....tmp" (x.npy's sidecar) also starts ".x.npy."
+            continue
+        words = middle.split("-")
         pid = words[0] if len(words) > 1 and words[0].isdigit() else None
         if pid is not None and len(words) == 3 and words[1] != machine_tag():
             now = filesystem_now(path.parent) if now is None else now

@@ -43,6 +43,8 @@ def test_leftovers_of_this_machine_are_judged_by_pid_and_of_other_machines_by_ag
         "abandoned elsewhere": tmp_path / f".s.h5.{os.getppid()}-{elsewhere}-00000004.tmp",
         "older version, dead": tmp_path / f".s.h5.{_dead_pid()}-0a1b2c3d.tmp",
         "another output": tmp_path / f".t.h5.{_dead_pid()}-{me}-00000005.tmp",
+        # s.h5.json's temporary (an .npy's sidecar is NAME.json) starts with ".s.h5." too: not s.h5's.
+        "a longer name's": tmp_path / f".s.h5.json.{_dead_pid()}-{me}-00000006.tmp",
     }
     for path in files.values():
         path.write_bytes(b"")
@@ -50,7 +52,7 @@ def test_leftovers_of_this_machine_are_judged_by_pid_and_of_other_machines_by_ag
     _age(files["writing elsewhere"], 60)  # written a minute ago: a pause between two writes
     removed = remove_stale_temp(target)
     assert sorted(removed) == sorted(files[k] for k in ("dead here", "abandoned elsewhere", "older version, dead"))
-    assert all(files[k].exists() for k in ("alive here", "writing elsewhere", "another output"))
+    assert all(files[k].exists() for k in ("alive here", "writing elsewhere", "another output", "a longer name's"))
 
 
 def test_another_machines_leftover_is_aged_on_the_file_systems_clock(tmp_path, monkeypatch):
