@@ -74,7 +74,8 @@ def _glob_slides(pattern: str) -> List[str]:
     files = [m for m in matches if os.path.isfile(m)]
     slides = [m for m in files if os.path.splitext(m)[1].lower() in SLIDE_SUFFIXES or
               os.path.splitext(m)[1].lower() == named] + [m for m in matches if is_dicom_folder(m)]
-    others = [m for m in files if m not in slides]
+    chosen = set(slides)  # thousands of slides: a set, not a list scan per file
+    others = [m for m in files if m not in chosen]
     if not slides:
         what = f"no slide files ({', '.join(sorted(SLIDE_SUFFIXES))})"
         raise SlideError(f"the pattern matches {what}" + (f"; it matched {_some(others)}" if others else ""),
