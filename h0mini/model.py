@@ -61,12 +61,16 @@ class WeightsInfo:
         return info
 
 
-def weights_fingerprint(model: Any) -> str:
+def weights_fingerprint(model: Any, *, state: bool = False) -> str:
     """What names a model's numbers, for caches and resume keys: the sha256 of the weights file
-    ``load_model`` read, else (a fine-tuned or ``timm.create_model`` model) ``"state:"`` and a sha256
-    over its state: every tensor's name, dtype, shape and bytes, in order."""
+    ``load_model`` read, else (a ``timm.create_model`` model) ``"state:"`` and a sha256 over its
+    state: every tensor's name, dtype, shape and bytes, in order.
+
+    The file's sha256 names the model as ``load_model`` returned it: one changed since (fine-tuned
+    or cast in place, ``load_state_dict``) keeps it. ``state=True`` digests the state whatever the
+    model's origin, for a model that may have changed since it was loaded."""
     info = getattr(model, "h0mini_weights", None)
-    if isinstance(info, WeightsInfo):
+    if isinstance(info, WeightsInfo) and not state:
         return info.sha256
     digest = hashlib.sha256()
     state = model.state_dict() if hasattr(model, "state_dict") else {}

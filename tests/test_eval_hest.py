@@ -261,6 +261,27 @@ def test_weights_named_by_a_path_are_cached_by_their_content_not_their_name(tmp_
         hest.hest_benchmark(tmp_path / "T", weights, **options)
 
 
+def test_a_loaded_model_changed_in_place_is_not_read_from_its_old_cache(tmp_path):
+    import torch
+
+    import h0mini
+    from tests.helpers import write_checkpoint
+
+    _write_task(tmp_path / "T", n_patches=(12, 14, 13), extra_spots=2, images=True)
+    write_checkpoint(tmp_path / "weights", seed=0)
+    options = dict(n_components=4, output_dir=tmp_path / "out", batch_size=8, device="cpu", input_size=28)
+    model = h0mini.load_model(tmp_path / "weights")
+    first = hest.hest_benchmark(tmp_path / "T", model, **options)
+    assert hest.hest_benchmark(tmp_path / "T", model, **options) == first  # from the cache
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # fine-tuned further: still the same weights file's provenance
+    with pytest.raises(EvaluationInputError, match="were made with"):
+        hest.hest_benchmark(tmp_path / "T", model, **options)
+    with pytest.raises(EvaluationInputError, match="were made with"):  # cast: other numbers too
+        hest.hest_benchmark(tmp_path / "T", h0mini.load_model(tmp_path / "weights", dtype=torch.bfloat16),
+                            **options)
+
+
 def test_missing_barcode_and_gene_are_named(tmp_path):
     ids, truth, emb_dir = _write_task(tmp_path / "T")
     emb, barcodes, coords = hest.read_embeddings(emb_dir / "S1.h5")

@@ -16,6 +16,8 @@ def test_a_loaded_model_is_named_by_its_weights_file(tmp_path):
     model = h0mini.load_model(tmp_path)
     expected = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
     assert h0mini.weights_fingerprint(model) == expected
+    assert h0mini.weights_fingerprint(model, state=True) == h0mini.weights_fingerprint(copy.deepcopy(model), state=True)
+    assert h0mini.weights_fingerprint(model, state=True).startswith("state:")
 
 
 def test_an_in_memory_model_is_named_by_its_state_and_any_changed_weight_changes_it():

@@ -160,15 +160,18 @@ def write_embeddings(path: PathLike, embeddings: np.ndarray, barcodes: Sequence[
     os.replace(partial, path)
 
 
-def _made_with(model: Any, embedding: str, embed_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+def _made_with(model: Any, embedding: str, embed_kwargs: Dict[str, Any], *, loaded_here: bool = False
+               ) -> Dict[str, Any]:
     """What changes a sample's cached embeddings: the model (its name, or a digest of its weights), the
-    embedding, and the options of ``embed_tiles`` that change the numbers."""
+    embedding, and the options of ``embed_tiles`` that change the numbers. A model loaded here is
+    named by its weights file; one passed in by its state (it may have been fine-tuned or cast since
+    ``load_model`` read its file)."""
     if not hasattr(model, "state_dict"):  # an exported model (OnnxModel): named by its file
         weights = f"{type(model).__name__}:{os.fspath(getattr(model, 'model_path', '') or '')}"
     else:
         from ..model import weights_fingerprint
 
-        weights = weights_fingerprint(model)
+        weights = weights_fingerprint(model, state=not loaded_here)
     made = {"model": weights, "embedding": embedding, "precision": str(embed_kwargs.get("precision") or "auto")}
     for key in ("input_size", "revision"):
         if embed_kwargs.get(key) is not None:
@@ -437,7 +440,8 @@ def hest_benchmark(
 
     def made_with() -> Dict[str, Any]:  # the weights' content, not their name: a replaced checkpoint re-embeds
         if not identity:
-            identity.append(_made_with(embedder(), embedding, embed_kwargs))
+            loaded_here = model is None or isinstance(model, (str, os.PathLike))
+            identity.append(_made_with(embedder(), embedding, embed_kwargs, loaded_here=loaded_here))
         return identity[0]
 
     def sample(row: Dict[str, str]) -> _Sample:
