@@ -75,5 +75,11 @@ def signals_held(signums: Tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> 
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for signum in dict.fromkeys(arrived):
-            signal.raise_signal(signum)
+        raised = None
+        for signum in dict.fromkeys(arrived):  # each one: a Ctrl-C's KeyboardInterrupt must not swallow a SIGTERM
+            try:
+                signal.raise_signal(signum)
+            except BaseException as error:  # noqa: BLE001 - re-raised below, the last one's
+                raised = error
+        if raised is not None:
+            raise raised
