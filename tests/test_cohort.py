@@ -848,3 +848,15 @@ def test_a_clean_up_that_fails_still_gives_back_the_claims_and_stops_the_threads
     while time.time() < deadline and ours():
         time.sleep(0.05)
     assert not ours()
+
+
+def test_nothing_is_claimed_after_release_all(tmp_path):
+    """A planner thread the shut-down did not wait out (a slide planned for over 10 s) claims nothing more:
+    that claim would never be given back, and its heartbeat would keep it alive in a Python session."""
+    claims = Claims(tmp_path)
+    assert claims.acquire("s1") is None
+    claims.release_all()
+    owner = claims.acquire("s2")
+    assert owner is not None and owner != claims.me
+    assert not list((tmp_path / ".claims").iterdir()) and not claims._held
+    assert claims._stop.is_set(), "the heartbeat was not started again"

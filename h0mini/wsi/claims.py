@@ -98,6 +98,7 @@ class Claims:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._beat: Optional[threading.Thread] = None
+        self._closed = False  # after release_all: a planner still running takes nothing more
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -142,7 +143,13 @@ class Claims:
     # -- taking and giving back ----------------------------------------------------------------
 
     def acquire(self, name: str) -> Optional[Owner]:
-        """Claim ``name``. Returns None when this process now holds it, else the live owner."""
+        """Claim ``name``. Returns None when this process now holds it, else the live owner.
+
+        After ``release_all`` nothing more is claimed (``UNKNOWN`` is returned): a planner thread the
+        shut-down did not wait out would otherwise take a claim nobody gives back, its heartbeat
+        started again."""
+        if self._closed:
+            return UNKNOWN
         self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(20):  # each round either wins, meets a live owner, or sees a newer generation
             generations = self._generations(name)
@@ -165,6 +172,9 @@ class Claims:
             if self._create(target):
                 with self._lock:
                     self._held[name] = target
+                if self._closed:  # release_all ran meanwhile: give it back at once
+                    self.release(name)
+                    return UNKNOWN
                 for _, old in generations:  # older generations are history now
                     _unlink(old)
                 self._start_heartbeat()
@@ -190,6 +200,7 @@ class Claims:
                     del self._held[name]
 
     def release_all(self) -> None:
+        self._closed = True
         with self._lock:
             names = list(self._held)
         for name in names:
