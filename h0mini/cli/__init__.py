@@ -18,7 +18,7 @@ import warnings
 from typing import Any, List, NoReturn, Optional, Sequence
 
 from ..errors import H0miniError
-from ..interrupt import EXIT_STATUS, exit_on_interrupt, raise_on_interrupt
+from ..interrupt import EXIT_STATUS, exit_on_interrupt, raise_on_interrupt, started_as_command
 from ..version import __version__
 from ..wording import command_line_words
 from .choices import DEFAULT_BATCH_SIZE, EMBEDDINGS, JPEG_DECODERS, PRECISIONS
@@ -101,6 +101,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     try:
         with command_line_words(), warnings_as_lines(args.quiet):
             importlib.import_module("h0mini.registry")  # torch and timm load here, after parsing
+            if started_as_command():  # torch is in: from here on Ctrl-C raises, and the command saves its work
+                raise_on_interrupt()
             return int(args.run(args) or 0)
     except UsageError as error:
         print(f"{args.parser.prog}: error: {_one_line(error)}", file=sys.stderr)
@@ -149,8 +151,12 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 
 
 def entrypoint() -> None:
-    """Console-script and ``python -m h0mini`` entry."""
-    raise_on_interrupt()  # the command saves its finished batches on KeyboardInterrupt
+    """Console-script and ``python -m h0mini`` entry.
+
+    Until torch has loaded, Ctrl-C exits at once (``interrupt.exit_interrupted``): a KeyboardInterrupt
+    raised inside torch's native start-up can abort the process (SIGABRT, or exit by SIGINT after the
+    message) instead of ending it with 130. ``_main`` switches to raising once there is work to save.
+    """
     code = main()
     sys.stdout.flush()
     exit_on_interrupt()  # nothing left to save while the interpreter shuts down
