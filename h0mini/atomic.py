@@ -2,9 +2,11 @@
 
 Every output is written under a temporary name beside its final one and renamed into place. The
 temporary name says who wrote it: ``.NAME.PID-MACHINE-RANDOM.tmp``, where MACHINE is a short digest
-of the host name and the pid namespace. A later run removes a leftover
+of the host name, the pid namespace and the kernel's boot id (two nodes cloned with one host name
+still differ, and so does a machine before and after a reboot, whose pids start again). A later run
+removes a leftover
 
-- of its own machine (same host, same pid namespace) when that pid is gone;
+- of its own machine (same host, same pid namespace, same boot) when that pid is gone;
 - of another machine (another host on a shared file system, another container) only when the file
   has not changed for ``FOREIGN_TEMP_TIMEOUT`` seconds, measured on the file system's own clock: a pid
   of another machine says nothing here, and the clocks of two machines need not agree.
@@ -33,12 +35,17 @@ writer changes its file as it writes; an hour is far beyond any pause between tw
 
 @functools.lru_cache(maxsize=None)
 def machine_tag() -> str:
-    """Eight hex digits naming this host and pid namespace: the processes whose pids this one can see."""
+    """Eight hex digits naming this host, pid namespace and boot: the processes whose pids this one can see."""
     try:
         namespace = os.readlink("/proc/self/ns/pid")
     except OSError:
         namespace = ""
-    return hashlib.sha1(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
+    try:  # random per boot (Linux): tells apart hosts that share a name, and the boots of one host
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return hashlib.sha1(f"{socket.gethostname()}\0{namespace}\0{boot}".encode()).hexdigest()[:8]
 
 
 def temp_name(name: str) -> str:

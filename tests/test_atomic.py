@@ -63,3 +63,29 @@ def test_another_machines_leftover_is_aged_on_the_file_systems_clock(tmp_path, m
     monkeypatch.setattr(time, "time", lambda: real() + 2 * atomic.FOREIGN_TEMP_TIMEOUT)  # this clock runs ahead
     assert remove_stale_temp(target) == [] and fresh.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".h0mini-clock")], "the clock probe is removed"
+
+
+def test_two_nodes_with_one_host_name_or_one_node_rebooted_are_other_machines(monkeypatch):
+    import io
+    import socket
+
+    real_open = open
+
+    def booted(boot_id):
+        def fake_open(path, *args, **kwargs):
+            if str(path) == "/proc/sys/kernel/random/boot_id":
+                return io.StringIO(boot_id + "\n")
+            return real_open(path, *args, **kwargs)
+        return fake_open
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "ubuntu")  # cloned nodes, one name
+    tags = []
+    try:
+        for boot_id in ("11111111-aaaa", "22222222-bbbb", "11111111-aaaa"):
+            monkeypatch.setattr(atomic, "open", booted(boot_id), raising=False)
+            machine_tag.cache_clear()
+            tags.append(machine_tag())
+    finally:
+        monkeypatch.undo()
+        machine_tag.cache_clear()
+    assert tags[0] != tags[1] and tags[0] == tags[2]
