@@ -33,6 +33,11 @@ FOREIGN_TEMP_TIMEOUT = 3600.0
 writer changes its file as it writes; an hour is far beyond any pause between two writes)."""
 
 
+MAX_CLOCK_SKEW = 86400.0
+"""Seconds between this machine's clock and a file system's beyond which the file system's stamp is
+not a clock (a day: no cluster's clocks drift that far; an unflushed FUSE file's 0 does)."""
+
+
 @functools.lru_cache(maxsize=None)
 def machine_tag() -> str:
     """Eight hex digits naming this host, pid namespace and boot: the processes whose pids this one can see."""
@@ -141,7 +146,8 @@ def filesystem_now(directory: Path) -> float:
     On a network file system, modification times come from the server's clock; ages computed
     against this process's clock would be off by the skew between the two. A file created here and
     stat'ed at once carries the server's now. Falls back to this machine's clock when the folder
-    cannot be written.
+    cannot be written, or when the file system's answer is absurd (more than ``MAX_CLOCK_SKEW`` away:
+    some FUSE and object-store mounts stamp a new file 0, or not at all, until it is flushed).
     """
     probe = Path(directory) / temp_name("h0mini-clock")
     try:
@@ -149,7 +155,8 @@ def filesystem_now(directory: Path) -> float:
     except OSError:
         return time.time()
     try:
-        return os.fstat(fd).st_mtime
+        stamped, here = os.fstat(fd).st_mtime, time.time()
+        return stamped if abs(stamped - here) <= MAX_CLOCK_SKEW else here
     finally:
         os.close(fd)
         try:

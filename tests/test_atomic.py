@@ -89,3 +89,15 @@ def test_two_nodes_with_one_host_name_or_one_node_rebooted_are_other_machines(mo
         monkeypatch.undo()
         machine_tag.cache_clear()
     assert tags[0] != tags[1] and tags[0] == tags[2]
+
+
+def test_an_absurd_file_system_stamp_is_not_taken_for_its_clock(tmp_path, monkeypatch):
+    real = os.fstat
+
+    def unflushed(fd):  # a FUSE mount that stamps a new file 0 until it is flushed
+        result = real(fd)
+        return os.stat_result(result[:8] + (0, 0))
+
+    assert abs(atomic.filesystem_now(tmp_path) - time.time()) < 5  # this file system stamps now
+    monkeypatch.setattr(atomic.os, "fstat", unflushed)
+    assert abs(atomic.filesystem_now(tmp_path) - time.time()) < 5  # this machine's clock, not 1970

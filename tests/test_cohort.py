@@ -860,3 +860,19 @@ def test_nothing_is_claimed_after_release_all(tmp_path):
     assert owner is not None and owner != claims.me
     assert not list((tmp_path / ".claims").iterdir()) and not claims._held
     assert claims._stop.is_set(), "the heartbeat was not started again"
+
+
+def test_the_file_systems_clock_is_read_once_a_minute_not_per_claim(tmp_path, monkeypatch):
+    from h0mini.wsi import claims as claims_module
+
+    readings = []
+    real = claims_module.filesystem_now
+    monkeypatch.setattr(claims_module, "filesystem_now", lambda folder: readings.append(1) or real(folder))
+    claims = Claims(tmp_path, timeout=60)
+    (tmp_path / ".claims").mkdir()
+    for i in range(20):  # another host's live claims: each judged by its heartbeat's age
+        (tmp_path / ".claims" / f"s{i}.1").write_text(json.dumps(
+            {"host": "node-elsewhere", "pid": 1, "process_start": None, "started": 0}))
+        assert claims.acquire(f"s{i}") is not None
+    assert len(readings) == 1
+    claims.release_all()

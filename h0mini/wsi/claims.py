@@ -37,6 +37,7 @@ from ..atomic import filesystem_now, pid_alive
 HEARTBEAT = 30.0  # seconds between touches of a held claim
 CLAIM_TIMEOUT = 600.0  # seconds without a heartbeat after which another host's claim counts as dead
 FOLDER = ".claims"
+CLOCK_EVERY = 60.0  # seconds between two readings of the file system's clock
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Claims:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._beat: Optional[threading.Thread] = None
+        self._clock: Optional[Tuple[float, float]] = None  # (file system's now, monotonic clock) at one reading
         self._closed = False  # after release_all: a planner still running takes nothing more
 
     # -- reading -----------------------------------------------------------------------------
@@ -122,6 +124,14 @@ class Claims:
         owner = _read(generations[-1][1])
         return owner if owner is not None and not self._dead(owner, generations[-1][1]) else None
 
+    def _now(self) -> float:
+        """The file system's now, read at most every ``CLOCK_EVERY`` seconds (each reading creates a
+        file: round trips on NFS) and carried forward by the monotonic clock, which no clock step moves."""
+        clock = self._clock
+        if clock is None or time.monotonic() - clock[1] > CLOCK_EVERY:
+            clock = self._clock = (filesystem_now(self.folder), time.monotonic())
+        return clock[0] + time.monotonic() - clock[1]
+
     def _dead(self, owner: Owner, path: Path) -> bool:
         same_pids = owner.pid_namespace is None or self.me.pid_namespace is None or \
             owner.pid_namespace == self.me.pid_namespace  # host networking: one host name, other pids
@@ -135,7 +145,7 @@ class Claims:
             start = process_start_time(owner.pid)
             return owner.process_start is not None and start is not None and start != owner.process_start
         try:
-            age = filesystem_now(self.folder) - path.stat().st_mtime  # the file server's clock, not ours
+            age = self._now() - path.stat().st_mtime  # the file server's clock, not ours
         except FileNotFoundError:
             return True
         return age > self.timeout
@@ -158,7 +168,7 @@ class Claims:
                 owner = _read(path)
                 if owner is None:  # being written this instant, or emptied by a crash mid-write
                     try:
-                        fresh = filesystem_now(self.folder) - path.stat().st_mtime < 5.0
+                        fresh = self._now() - path.stat().st_mtime < 5.0
                     except FileNotFoundError:
                         continue
                     if fresh:
