@@ -34,6 +34,23 @@ pytest.importorskip("scipy")
 RUN = ["--tissue", "none", "--num-workers", "0", "--batch-size", "1", "--precision", "fp32", "--no-qc"]
 
 
+@pytest.fixture(autouse=True)
+def _heartbeats_end_with_their_test(monkeypatch):
+    """Every Claims a test makes in this process gives back its claims at the end, so no heartbeat
+    thread outlives its test (and none is counted by the next one)."""
+    made = []
+    init = Claims.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(Claims, "__init__", recording)
+    yield
+    for claims in made:
+        claims.release_all()
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
