@@ -107,15 +107,29 @@ def use_stored(on: bool) -> None:
 def embed(tiles, model, workers, args, stored, gpu_decode=False):
     use_stored(stored)
     stored_tiles.release(tiles.source.path)  # no warm cache forked into the workers
-    start = time.perf_counter()
-    features = h0mini.embed_tiles(tiles, model, num_workers=workers, batch_size=args.batch_size, device=args.device,
-                                  precision=args.precision, progress=False, embedding="cls",
-                                  jpeg_decode="device" if gpu_decode else "cpu")
-    return len(tiles) / (time.perf_counter() - start), np.asarray(features, np.float32)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(model_threads(workers, args))  # every reader alike: see model_threads
+    try:
+        start = time.perf_counter()
+        features = h0mini.embed_tiles(tiles, model, num_workers=workers, batch_size=args.batch_size,
+                                      device=args.device, precision=args.precision, progress=False, embedding="cls",
+                                      jpeg_decode="device" if gpu_decode else "cpu")
+        return len(tiles) / (time.perf_counter() - start), np.asarray(features, np.float32)
+    finally:
+        torch.set_num_threads(before)
 
 
 def model_threads(workers: int, args) -> int:
-    """The model's thread count in the pipeline with ``workers`` (h0mini.pipeline shares the cores on a CPU)."""
+    """The model's threads in these rows: on a CPU, the cores the ``workers`` leave.
+
+    This benchmark measures reading. On a GPU machine the model does not compete with the readers
+    for cores; on a few CPU cores a tiny model with one thread per core would (every operator waiting
+    at its barrier for a thread a worker has taken), so the model is pinned to what the workers leave,
+    for the baseline and the stored-tile reader alike. h0mini itself leaves torch's thread count to
+    the user: for H0-mini on 2 idle cores, 2 threads beside 1 worker ran 13.4 tiles/s, 1 thread 8.4
+    (benchmarks/cpu_threads.py)."""
     import torch
 
     from h0mini.pipeline import available_cores

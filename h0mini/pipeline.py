@@ -9,7 +9,6 @@ Nothing here knows the model or its backend.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import os
@@ -48,8 +47,7 @@ def prepared_batches(source: Any, prepare: "_Prepare", *, batch_size: int, worke
             persistent_workers=False,
             worker_init_fn=_single_threaded_worker,
         )
-        with _cores_shared_with_workers(workers, model_on_cpu=not pin):
-            yield from loader
+        yield from loader
     else:
         yield from prefetch(_batched_in_thread(source.items, prepare, batch_size, pin), depth=2)
 
@@ -136,31 +134,6 @@ class _KeyedDataset(torch.utils.data.Dataset):
 def available_cores() -> int:
     """The cores this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-@contextlib.contextmanager
-def _cores_shared_with_workers(workers: int, *, model_on_cpu: bool) -> Iterator[None]:
-    """While ``workers`` processes prepare tiles, a model on the CPU runs on the cores they leave free.
-
-    torch's intra-op pool otherwise keeps a thread per core, and the workers' decoding takes those
-    cores: every operator then waits at its barrier for a thread that is not running (on 2 shared
-    cores with 1-2 workers, ``h0mini_test`` slide -> features ran 2-3.5x slower with 2 model threads
-    than with 1, for OpenSlide and stored-tile reading alike: benchmarks/slide_read.py). The
-    thread count goes back to what it was when the batches stop. A model on a GPU is left alone:
-    its work is not on these cores. The embeddings do not depend on the thread count (equal bit for
-    bit at 1 and 2 threads for h0mini_test and H0-mini on this machine's oneDNN kernels; tests check
-    the pipeline's against the model card's within the tests' usual tolerance).
-    """
-    before = torch.get_num_threads()
-    share = max(1, available_cores() - workers)
-    if model_on_cpu and workers > 0 and before > share:
-        torch.set_num_threads(share)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-    else:
-        yield
 
 
 def _single_threaded_worker(worker_id: int) -> None:

@@ -17,7 +17,7 @@ def benchmarks_on_path(monkeypatch):
 
 
 @pytest.mark.parametrize("script", ["model_only", "end_to_end", "precision_parity", "memory", "slide_pipeline", "slide_read",
-                                    "onnx_runtime"])
+                                    "cpu_threads", "onnx_runtime"])
 def test_benchmark_runs_and_reports(script, capsys):
     rows = importlib.import_module(script).main(["--smoke", "--device", "cpu"])
     assert rows and all(rows)
