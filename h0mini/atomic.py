@@ -38,13 +38,18 @@ MAX_CLOCK_SKEW = 86400.0
 not a clock (a day: no cluster's clocks drift that far; an unflushed FUSE file's 0 does)."""
 
 
+def pid_namespace() -> Optional[str]:
+    """This process's pid namespace (Linux: ``pid:[4026531836]``), or None where it cannot be told."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def machine_tag() -> str:
     """Eight hex digits naming this host, pid namespace and boot: the processes whose pids this one can see."""
-    try:
-        namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        namespace = ""
+    namespace = pid_namespace() or ""
     try:  # random per boot (Linux): tells apart hosts that share a name, and the boots of one host
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()

@@ -162,8 +162,8 @@ def write_embeddings(path: PathLike, embeddings: np.ndarray, barcodes: Sequence[
 
 def _made_with(model: Any, embedding: str, embed_kwargs: Dict[str, Any], *, loaded_here: bool = False
                ) -> Dict[str, Any]:
-    """What changes a sample's cached embeddings: the model (its name, or a digest of its weights), the
-    embedding, and the options of ``embed_tiles`` that change the numbers. A model loaded here is
+    """What changes a sample's cached embeddings: the model (``weights_fingerprint``), the embedding,
+    and the options of ``embed_tiles`` that change the numbers. A model loaded here is
     named by its weights file; one passed in by its state (it may have been fine-tuned or cast since
     ``load_model`` read its file)."""
     if not hasattr(model, "state_dict"):  # an exported model (OnnxModel): named by its file
@@ -173,9 +173,8 @@ def _made_with(model: Any, embedding: str, embed_kwargs: Dict[str, Any], *, load
 
         weights = weights_fingerprint(model, state=not loaded_here)
     made = {"model": weights, "embedding": embedding, "precision": str(embed_kwargs.get("precision") or "auto")}
-    for key in ("input_size", "revision"):
-        if embed_kwargs.get(key) is not None:
-            made[key] = str(embed_kwargs[key])
+    if embed_kwargs.get("input_size") is not None:  # the revision is in the weights' fingerprint
+        made["input_size"] = str(embed_kwargs["input_size"])
     return made
 
 
@@ -426,10 +425,11 @@ def hest_benchmark(
     identity: List[Dict[str, Any]] = []
     embed_kwargs = dict(embed_kwargs)
     models: List[Any] = []
+    loaded_here = model is None or isinstance(model, (str, os.PathLike))
 
     def embedder() -> Any:  # loaded once, when a sample is first embedded or a cache first checked
         if not models:
-            if model is None or isinstance(model, (str, os.PathLike)):
+            if loaded_here:
                 from ..model import load_model
 
                 loading = {k: embed_kwargs.pop(k) for k in ("revision", "token", "cache_dir") if k in embed_kwargs}
@@ -440,7 +440,6 @@ def hest_benchmark(
 
     def made_with() -> Dict[str, Any]:  # the weights' content, not their name: a replaced checkpoint re-embeds
         if not identity:
-            loaded_here = model is None or isinstance(model, (str, os.PathLike))
             identity.append(_made_with(embedder(), embedding, embed_kwargs, loaded_here=loaded_here))
         return identity[0]
 

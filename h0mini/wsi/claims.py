@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..atomic import filesystem_now, pid_alive
+from ..atomic import filesystem_now, pid_alive, pid_namespace
 
 HEARTBEAT = 30.0  # seconds between touches of a held claim
 CLAIM_TIMEOUT = 600.0  # seconds without a heartbeat after which another host's claim counts as dead
@@ -63,14 +63,6 @@ UNKNOWN = Owner("", 0, None, 0.0)
 
 def this_process() -> Owner:
     return Owner(socket.gethostname(), os.getpid(), process_start_time(os.getpid()), time.time(), pid_namespace())
-
-
-def pid_namespace() -> Optional[str]:
-    """This process's pid namespace (Linux: ``pid:[4026531836]``), or None where it cannot be told."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
 
 
 def process_start_time(pid: int) -> Optional[float]:

@@ -52,7 +52,6 @@ from .grid import MIN_TISSUE, TARGET_MPP, SlideTiles, tile_slide
 from .manifest import SlideSpec, slide_fingerprint, slide_specs
 from .qc import save_qc_image
 from .reader import release
-from .stored_tiles import release as release_stored_tiles
 from .shard import Shard, resolve_shard
 from .summary import ALREADY_DONE, CLAIMED, DONE, FAILED, SlideStatus, update_summary
 
@@ -379,7 +378,6 @@ class _Cohort:
         except (H0miniError, OSError, ValueError) as error:
             self.claims.release(spec.name)
             release(spec.path)  # opened, then failed (tiling, QC): nothing of it is embedded or kept open
-            release_stored_tiles(spec.path)
             plan.tiles, plan.pending, plan.job = None, [], None
             plan.status = self._status(plan, FAILED, error=" ".join(str(error).split()))
         return plan
@@ -492,8 +490,7 @@ class _Cohort:
             return self._status(plan, FAILED, error=" ".join(str(error).split()))
         finally:
             self.claims.release(name)
-            release(plan.spec.path)  # this process's handles and cached stored tiles of the slide (workers
-            release_stored_tiles(plan.spec.path)  # keep a few, LRU)
+            release(plan.spec.path)  # this process's handles and cached stored tiles (workers keep a few, LRU)
             plan.tiles, plan.pending, plan.job = None, [], None  # nothing of the slide outlives it
 
     def _status(self, plan: _Plan, status: str, *, tiles: int = 0, skipped: int = 0, error: str = "") -> SlideStatus:

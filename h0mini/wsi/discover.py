@@ -71,11 +71,14 @@ def _glob_slides(pattern: str) -> List[str]:
     matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     named = os.path.splitext(pattern)[1].lower()
     named = named if named and not any(c in named for c in GLOB_CHARS) else None
-    files = [m for m in matches if os.path.isfile(m)]
-    slides = [m for m in files if os.path.splitext(m)[1].lower() in SLIDE_SUFFIXES or
-              os.path.splitext(m)[1].lower() == named] + [m for m in matches if is_dicom_folder(m)]
-    chosen = set(slides)  # thousands of slides: a set, not a list scan per file
-    others = [m for m in files if m not in chosen]
+    slides: List[str] = []
+    others: List[str] = []
+    for match in matches:
+        if os.path.isfile(match):
+            suffix = os.path.splitext(match)[1].lower()
+            (slides if suffix in SLIDE_SUFFIXES or suffix == named else others).append(match)
+        elif is_dicom_folder(match):
+            slides.append(match)
     if not slides:
         what = f"no slide files ({', '.join(sorted(SLIDE_SUFFIXES))})"
         raise SlideError(f"the pattern matches {what}" + (f"; it matched {_some(others)}" if others else ""),

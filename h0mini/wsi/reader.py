@@ -25,6 +25,7 @@ from PIL import Image
 
 from ..errors import OptionalDependencyError, SlideError
 from ..tiles import to_rgb
+from . import stored_tiles
 from .tiff_log import tifffile_notes
 
 READERS = ("auto", "openslide", "tiffslide")
@@ -416,7 +417,9 @@ def set_open_slide_limit(limit: int) -> int:
 
 
 def release(path: Union[str, os.PathLike]) -> int:
-    """Close this process's handles of the slide at ``path`` (when its tiles are read); returns how many."""
+    """Let go of the slide at ``path`` in this process (when its tiles are read): close its handles,
+    forget its stored-tile tables and decoded tiles. Returns how many handles were closed."""
+    stored_tiles.release(os.fspath(path))
     return _HANDLES.release(os.fspath(path))
 
 
